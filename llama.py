@@ -1,0 +1,734 @@
+"""Day 2: a simplified LLaMA written from scratch, trained on WikiText-2.
+
+The model follows Meta's reference implementation (Touvron et al., 2023) and keeps its names, so the
+weights of a real LLaMA checkpoint map onto it one to one:
+
+    tokens -> tok_embeddings -> n_layers x TransformerBlock -> norm -> output -> logits
+    TransformerBlock:  h   = x + attention(attention_norm(x))       (RMSNorm, rotary embeddings, causal)
+                       out = h + feed_forward(ffn_norm(h))          (SwiGLU)
+
+Run it:
+    python llama.py                                    # WikiText-2 and GPT-2's tokenizer from the Hub
+    python llama.py --data-dir ../shared/data/wikitext-2-raw-local --tokenizer ../shared/data/gpt2-tokenizer
+    python llama.py --eval-only --checkpoint llama_wikitext_trained.pth --split test  [same data flags]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CHECKPOINT = "llama_wikitext_trained.pth"
+SAMPLE_PROMPTS = ["In a world where", "The history of the city", "She was born in"]
+
+
+class UserError(Exception):
+    """A mistake in how the script was called: reported as one line, without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: Optional[int] = None  # None: as many as n_heads; fewer gives grouped-query attention
+    vocab_size: int = 50257  # GPT-2's tokenizer
+    multiple_of: int = 64  # the SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 256
+    dropout: float = 0.0  # not in LLaMA; small data sets need it
+    tie_embeddings: bool = True  # output.weight is tok_embeddings.weight (Press & Wolf, 2017)
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise UserError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise UserError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        if (self.dim // self.n_heads) % 2:
+            raise UserError(f"the head size dim/n_heads = {self.dim // self.n_heads} must be even for rotary embeddings")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise UserError("norm_eps and rope_theta must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        # SwiGLU has three matrices instead of two: 2/3 of 4*dim keeps the parameter count of a 4*dim MLP.
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Components
+
+
+class RMSNorm(nn.Module):
+    """Root mean square layer norm (Zhang & Sennrich, 2019): no mean subtraction, no bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # EXERCISE rmsnorm: x / sqrt(mean(x^2 over the last dim) + eps), computed in float32, times weight
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+        # END EXERCISE
+
+
+def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
+    """Rotary embeddings (Su et al., 2021) as unit complex numbers e^{i * m * theta_k}, shape (end, head_dim/2).
+
+    theta_k = theta^(-2k/head_dim): each pair of channels rotates at its own frequency, by an angle
+    proportional to the position m, so q.k depends only on the distance between two positions.
+    """
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(end, dtype=torch.float32), freqs)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate each adjacent channel pair of q and k (batch, seq, heads, head_dim) by its position's angle."""
+    xq_c = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
+    xk_c = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+    freqs_cis = freqs_cis[None, :, None, :]  # broadcast over batch and heads
+    xq_out = torch.view_as_real(xq_c * freqs_cis).flatten(3)
+    xk_out = torch.view_as_real(xk_c * freqs_cis).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+def causal_mask(seqlen: int, start_pos: int = 0, device=None) -> torch.Tensor:
+    """Boolean (seqlen, start_pos + seqlen) mask: True where a query may attend to a key.
+
+    The queries are the positions start_pos .. start_pos + seqlen - 1; the keys are every position so far
+    (the cached ones first). A query sees itself and everything before it, never the future.
+    """
+    # EXERCISE causal_mask: query i sits at position start_pos + i and may see keys 0 .. start_pos + i
+    query_pos = torch.arange(start_pos, start_pos + seqlen, device=device)
+    key_pos = torch.arange(start_pos + seqlen, device=device)
+    return key_pos[None, :] <= query_pos[:, None]
+    # END EXERCISE
+
+
+class KVCache:
+    """Keys and values of every layer for the positions decoded so far, so each new token costs one position.
+
+    k[layer] and v[layer] have shape (batch, n_kv_heads, max_seq_len, head_dim); positions < start_pos are filled.
+    """
+
+    def __init__(self, args: ModelArgs, batch_size: int, device=None, dtype=torch.float32):
+        shape = (batch_size, args.n_kv_heads, args.max_seq_len, args.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+
+    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (batch, n_kv_heads, seqlen, head_dim) at start_pos; return all keys and values so far."""
+        end = start_pos + k.shape[2]
+        self.k[layer][:, :, start_pos:end] = k
+        self.v[layer][:, :, start_pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with rotary embeddings; grouped-query when n_kv_heads < n_heads."""
+
+    def __init__(self, args: ModelArgs, layer_id: int = 0):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.dropout = args.dropout
+
+    def forward(self, x, start_pos, freqs_cis, mask, cache: Optional[KVCache] = None):
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary_emb(q, k, freqs_cis)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, start_pos, k, v)
+        # softmax(q k^T / sqrt(head_dim) + mask) v; each group of n_heads/n_kv_heads query heads shares one k, v.
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU feed-forward (Shazeer, 2020): w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # EXERCISE swiglu: gate w1(x) through SiLU, multiply by w3(x), project back down with w2
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        # END EXERCISE
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: attention, then SwiGLU, each on an RMS-normalised input."""
+
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args, layer_id)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x, start_pos, freqs_cis, mask, cache=None):
+        h = x + self.dropout(self.attention(self.attention_norm(x), start_pos, freqs_cis, mask, cache))
+        return h + self.dropout(self.feed_forward(self.ffn_norm(h)))
+
+
+class Transformer(nn.Module):
+    """The LLaMA decoder: token ids (batch, seqlen) -> next-token logits (batch, seqlen, vocab_size)."""
+
+    def __init__(self, params: ModelArgs):
+        super().__init__()
+        self.params = params
+        self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
+        self.dropout = nn.Dropout(params.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
+        if params.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # Not a parameter and not saved: recomputed from the config.
+        self.register_buffer("freqs_cis", precompute_freqs_cis(params.head_dim, params.max_seq_len, params.rope_theta),
+                             persistent=False)
+        self.apply(self._init_weights)
+        # Residual projections scaled by 1/sqrt(2 * n_layers) so the residual stream's variance does not
+        # grow with depth (GPT-2, Radford et al., 2019).
+        for name, p in self.named_parameters():
+            if name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * params.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None) -> torch.Tensor:
+        _bsz, seqlen = tokens.shape
+        if start_pos + seqlen > self.params.max_seq_len:
+            raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len={self.params.max_seq_len}")
+        h = self.dropout(self.tok_embeddings(tokens))
+        freqs_cis = self.freqs_cis[start_pos:start_pos + seqlen]
+        # One new token may attend to everything cached before it: no mask needed.
+        mask = causal_mask(seqlen, start_pos, tokens.device) if seqlen > 1 else None
+        for layer in self.layers:
+            h = layer(h, start_pos, freqs_cis, mask, cache)
+        return self.output(self.norm(h))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # a tied matrix counts once
+
+    def flops_per_token(self, seqlen: int) -> float:
+        """Training FLOPs per token: 6N for the matmuls plus 12*L*dim*T for attention (PaLM, appendix B)."""
+        # The embedding lookup costs no FLOPs; the output projection does (and is the same matrix when tied).
+        n_matmul = self.num_params() - (0 if self.params.tie_embeddings else self.tok_embeddings.weight.numel())
+        return 6 * n_matmul + 12 * self.params.n_layers * self.params.dim * seqlen
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: WikiText-2 -> GPT-2 token ids, one long 1-D stream per split
+
+
+WIKITEXT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
+
+
+def load_tokenizer(name_or_path: str):
+    """GPT-2's byte-level BPE tokenizer from the Hub ('gpt2') or from a local folder."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as e:  # OSError offline or for a bad path; ValueError for a folder of the wrong kind
+        raise UserError(f"could not load the tokenizer '{name_or_path}' ({type(e).__name__}); offline, pass "
+                        "--tokenizer DIR with vocab.json and merges.txt or tokenizer.json "
+                        "(e.g. ../shared/data/gpt2-tokenizer)") from None
+    if len(tokenizer) < 2:
+        raise UserError(f"the tokenizer at '{name_or_path}' is empty; point --tokenizer at a folder with "
+                        "tokenizer.json or vocab.json + merges.txt")
+    return tokenizer
+
+
+def load_wikitext(data_dir: Optional[str] = None, dataset: str = "Salesforce/wikitext",
+                  config: str = "wikitext-2-raw-v1"):
+    """The three splits as a datasets.DatasetDict with one 'text' row per line of the raw files."""
+    from datasets import load_dataset
+
+    if data_dir is not None:
+        files = {split: Path(data_dir) / name for split, name in WIKITEXT_FILES.items()}
+        for split, path in files.items():
+            if not path.is_file():
+                raise UserError(f"--data-dir {data_dir}: {path.name} is missing (the folder needs "
+                                f"{', '.join(WIKITEXT_FILES.values())})")
+            if path.stat().st_size == 0:
+                raise UserError(f"--data-dir {data_dir}: {path.name} is empty")
+        return load_dataset("text", data_files={k: str(v) for k, v in files.items()}, keep_linebreaks=True)
+    try:
+        return load_dataset(dataset, config)
+    except Exception as e:  # ConnectionError when the Hub cannot be reached, DatasetNotFoundError, ...
+        raise UserError(f"could not load {dataset}/{config} from the Hugging Face Hub ({type(e).__name__}); "
+                        "offline, pass --data-dir DIR holding wiki.train.raw, wiki.valid.raw and wiki.test.raw "
+                        "(e.g. ../shared/data/wikitext-2-raw-local)") from None
+
+
+def tokenize_splits(raw, tokenizer) -> dict[str, torch.Tensor]:
+    """Tokenize every split in batches and concatenate it into one stream of int32 token ids.
+
+    datasets caches the result of .map on disk, keyed by the data and the tokenizer, so a second run with
+    the same files skips the tokenizer entirely.
+    """
+
+    def encode(batch):
+        return {"ids": tokenizer(batch["text"], verbose=False)["input_ids"]}
+
+    tokenized = raw.map(encode, batched=True, batch_size=1000, remove_columns=["text"], desc="tokenizing")
+    streams = {}
+    for split, ds in tokenized.items():
+        ids = ds.with_format("arrow")["ids"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        if len(ids) < 2:
+            raise UserError(f"the {split} split holds fewer than 2 tokens; is its file empty?")
+        streams[split] = torch.from_numpy(ids.astype("int32"))
+    return streams
+
+
+def train_batches(tokens: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator):
+    """Endless (inputs, targets) batches of contiguous windows; no padding anywhere.
+
+    Each pass over the data starts at a random offset and cuts the stream into windows of seq_len + 1
+    tokens that overlap by one (targets are inputs shifted left), visited in a random order.
+    """
+    n_windows = (len(tokens) - 1) // seq_len
+    if n_windows < 1:
+        raise UserError(f"the training split ({len(tokens)} tokens) is shorter than one window of "
+                        f"max_seq_len + 1 = {seq_len + 1} tokens")
+    batch_size = min(batch_size, n_windows)
+    while True:
+        spare = len(tokens) - 1 - n_windows * seq_len
+        offset = int(torch.randint(0, spare + 1, (1,), generator=generator))
+        starts = offset + seq_len * torch.randperm(n_windows, generator=generator)
+        for i in range(0, n_windows - batch_size + 1, batch_size):  # the few left over come next pass
+            idx = starts[i:i + batch_size, None] + torch.arange(seq_len + 1)
+            window = tokens[idx].long()
+            yield window[:, :-1], window[:, 1:]
+
+
+def eval_windows(tokens: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
+    """Cut a split into consecutive windows of up to seq_len + 1 tokens overlapping by one, so every
+    token after the first is predicted exactly once. The last window may be shorter."""
+    return [tokens[s:s + seq_len + 1].long() for s in range(0, len(tokens) - 1, seq_len)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    max_steps: Optional[int] = None
+    time_budget: Optional[float] = None  # minutes
+    eval_interval: int = 200
+    seed: int = 1337
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "eval_interval"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise UserError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip <= 0:
+            raise UserError("warmup steps and weight decay must be >= 0, the gradient clip > 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError(f"--max-steps must be at least 1, got {self.max_steps}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise UserError(f"--time-budget must be a positive number of minutes, got {self.time_budget}")
+        if self.max_steps is None and self.time_budget is None:
+            raise UserError("give a --max-steps or a --time-budget (or both)")
+
+
+def learning_rate(step: int, progress: float, cfg: TrainConfig) -> float:
+    """Linear warmup over warmup_steps, then cosine decay from lr to min_lr as progress goes 0 -> 1."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def configure_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only; norms' gains are not decayed."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, tokens: torch.Tensor, device: torch.device, bf16: bool = False,
+             batch_size: int = 16) -> float:
+    """Mean negative log-likelihood per token of a whole split; perplexity is its exp."""
+    was_training = model.training
+    model.eval()
+    windows = eval_windows(tokens, model.params.max_seq_len)
+    full = [w for w in windows if len(w) == len(windows[0])]
+    groups = [torch.stack(full[i:i + batch_size]) for i in range(0, len(full), batch_size)]
+    groups += [w[None] for w in windows if len(w) != len(windows[0])]
+    total, count = 0.0, 0
+    for batch in groups:
+        batch = batch.to(device)
+        with autocast(device, bf16):
+            logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+        total, count = total + loss.item(), count + batch[:, 1:].numel()
+    model.train(was_training)
+    return total / count
+
+
+@torch.no_grad()
+def sample(model: Transformer, tokenizer, prompt: str, device: torch.device, max_new_tokens: int = 40,
+           temperature: float = 0.8, top_k: int = 40, seed: int = 0) -> str:
+    """A quick look at what the model writes (top-k sampling with the KV cache); see llama_generation.py."""
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    ids = tokenizer(prompt)["input_ids"][-model.params.max_seq_len // 2:]
+    tokens = torch.tensor([ids], device=device)
+    cache = KVCache(model.params, 1, device, model.output.weight.dtype)
+    logits = model(tokens, 0, cache)[:, -1]
+    out = []
+    for pos in range(len(ids), min(len(ids) + max_new_tokens, model.params.max_seq_len)):
+        logits = logits / temperature
+        logits[logits < torch.topk(logits, top_k).values[:, -1:]] = -float("inf")
+        nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+        out.append(nxt.item())
+        logits = model(nxt, pos, cache)[:, -1]
+    return prompt + tokenizer.decode(out)
+
+
+def save_checkpoint(path: str, model: Transformer, tokenizer_name: str, **extra) -> None:
+    """state_dict + ModelArgs + tokenizer, written to a temporary file and renamed: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = {"model": model.state_dict(), "model_args": asdict(model.params), "tokenizer": tokenizer_name, **extra}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, device="cpu") -> tuple[Transformer, dict]:
+    """Rebuild the model from the ModelArgs stored beside its weights (torch.load with weights_only=True)."""
+    if not Path(path).is_file():
+        raise UserError(f"no checkpoint at {path}; train one first with `python llama.py` "
+                        "(offline: add --data-dir DIR --tokenizer DIR)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise UserError(f"{path} holds no 'model' and 'model_args'; was it saved by llama.py?")
+    known = {f.name for f in fields(ModelArgs)}
+    model = Transformer(ModelArgs(**{k: v for k, v in ckpt["model_args"].items() if k in known}))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: the weights do not fit the stored ModelArgs ({str(e).splitlines()[0]})") from None
+    return model.to(device), ckpt
+
+
+def train(model: Transformer, streams: dict, cfg: TrainConfig, device: torch.device, bf16: bool,
+          on_best=None) -> dict:
+    """Train until max_steps or the time budget, validating every eval_interval steps.
+
+    on_best(model, val_loss) is called whenever the validation loss improves (the caller saves a checkpoint
+    there). Returns what happened: status ("completed", "interrupted" or "nan"), losses, counts and times.
+    """
+    from tqdm.auto import tqdm
+
+    generator = torch.Generator().manual_seed(cfg.seed)
+    batches = train_batches(streams["train"], model.params.max_seq_len, cfg.batch_size, generator)
+    optimizer = configure_optimizer(model, cfg)
+    model.train()
+    log = {"status": "completed", "steps": 0, "tokens_seen": 0, "train_time_s": 0.0, "best_val_loss": math.inf,
+           "best_step": 0, "recent_losses": [], "val_history": []}
+
+    def validate(step):
+        val = evaluate(model, streams["validation"], device, bf16)
+        log["val_history"].append((step, val))
+        tqdm.write(f"step {step}: validation loss {val:.3f}, perplexity {math.exp(val):.1f}")
+        if val < log["best_val_loss"]:
+            log["best_val_loss"], log["best_step"] = val, step
+            if on_best is not None:
+                on_best(model, val)
+        model.train()
+
+    start = time.perf_counter()
+    bar = tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+    step = 0
+    try:
+        while True:
+            elapsed = time.perf_counter() - start
+            progress = max(step / cfg.max_steps if cfg.max_steps else 0.0,
+                           elapsed / (60 * cfg.time_budget) if cfg.time_budget else 0.0)
+            if progress >= 1.0:
+                break
+            lr = learning_rate(step, progress, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0, loss_sum = time.perf_counter(), 0.0
+            for _ in range(cfg.grad_accum):
+                inputs, targets = next(batches)
+                inputs, targets = inputs.to(device), targets.to(device)
+                with autocast(device, bf16):
+                    logits = model(inputs)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.item() / cfg.grad_accum
+            if not math.isfinite(loss_sum):
+                log["status"] = "nan"
+                tqdm.write(f"step {step}: the loss is {loss_sum}; stopping (the last good checkpoint is kept)")
+                break
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            log["train_time_s"] += time.perf_counter() - t0
+            log["tokens_seen"] += cfg.grad_accum * inputs.numel()
+            log["recent_losses"] = (log["recent_losses"] + [loss_sum])[-50:]
+            bar.n = round(100 * progress, 1)
+            bar.set_postfix_str(f"step {step} loss {loss_sum:.3f} lr {lr:.2e} "
+                                f"{log['tokens_seen'] / log['train_time_s']:.0f} tok/s")
+            if step % cfg.eval_interval == 0:
+                validate(step)
+    except KeyboardInterrupt:
+        log["status"] = "interrupted"
+        tqdm.write("interrupted: evaluating and saving what was trained so far")
+    finally:
+        bar.close()
+    log["steps"] = step
+    if step > 0 and log["status"] != "nan" and (not log["val_history"] or log["val_history"][-1][0] != step):
+        validate(step)
+    log["wall_time_s"] = time.perf_counter() - start
+    return log
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+# Each preset fills the flags that are not given. "default" is tuned for a 2-core laptop CPU in 15 minutes.
+PRESETS = {
+    "smoke": dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=None, max_seq_len=32, dropout=0.0,
+                  batch_size=4, grad_accum=1, lr=3e-3, warmup_steps=1, max_steps=4, time_budget=None,
+                  eval_interval=2, sample_tokens=8),
+    "default": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=None, max_seq_len=128, dropout=0.1,
+                    batch_size=16, grad_accum=1, lr=2e-3, warmup_steps=100, max_steps=None, time_budget=15.0,
+                    eval_interval=250, sample_tokens=40),
+    "gpu": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=None, max_seq_len=512, dropout=0.1,
+                batch_size=32, grad_accum=1, lr=1e-3, warmup_steps=200, max_steps=None, time_budget=30.0,
+                eval_interval=250, sample_tokens=60),
+}
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        if name == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is visible")
+        if name == "mps" and not torch.backends.mps.is_available():
+            raise UserError("--device mps: Apple's MPS backend is not available")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bf16 dot products (AVX512-BF16 or AMX), where bf16 matmuls run several times faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(dtype: str, device: torch.device) -> bool:
+    if dtype != "auto":
+        return dtype == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_bf16()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train a small LLaMA on WikiText-2 and report its perplexity.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=PRESETS, default="default",
+                   help="model and training sizes; any flag below overrides its value")
+    d = p.add_argument_group("data")
+    d.add_argument("--data-dir", help="local folder with wiki.{train,valid,test}.raw instead of the Hub")
+    d.add_argument("--dataset", default="Salesforce/wikitext", help="Hub dataset (used without --data-dir)")
+    d.add_argument("--dataset-config", default="wikitext-2-raw-v1")
+    d.add_argument("--tokenizer", default=None, help="Hub name or local folder (default: gpt2, or the checkpoint's)")
+    m = p.add_argument_group("model (default: the preset's)")
+    m.add_argument("--dim", type=int)
+    m.add_argument("--n-layers", type=int)
+    m.add_argument("--n-heads", type=int)
+    m.add_argument("--n-kv-heads", type=int, help="fewer than --n-heads for grouped-query attention")
+    m.add_argument("--max-seq-len", type=int, help="context length trained on")
+    m.add_argument("--dropout", type=float)
+    t = p.add_argument_group("training (default: the preset's)")
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    t.add_argument("--lr", type=float, help="peak learning rate")
+    t.add_argument("--warmup-steps", type=int)
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--time-budget", type=float, metavar="MINUTES")
+    t.add_argument("--eval-interval", type=int, help="validate every this many steps")
+    t.add_argument("--seed", type=int, default=1337)
+    t.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    t.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
+    o = p.add_argument_group("output")
+    o.add_argument("--checkpoint", default=CHECKPOINT, help="where the trained model is saved (or read)")
+    o.add_argument("--output-dir", default="runs/llama", help="where metrics.json is written")
+    o.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on --split, no training")
+    o.add_argument("--split", choices=list(WIKITEXT_FILES), default="test", help="split for --eval-only")
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+def report(metrics: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    print("\n" + "-" * 60)
+    for key, value in metrics.items():
+        if key != "samples":
+            print(f"{key:>22}: {value:.4g}" if isinstance(value, float) else f"{key:>22}: {value}")
+    for text in metrics.get("samples", []):
+        print(f"\n--- sample ---\n{text}")
+    print(f"\nmetrics written to {path}")
+
+
+def run_eval_only(args, device, bf16) -> int:
+    model, ckpt = load_checkpoint(args.checkpoint, device)
+    tokenizer = load_tokenizer(args.tokenizer or ckpt.get("tokenizer") or "gpt2")
+    if len(tokenizer) > model.params.vocab_size:
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the checkpoint's model only "
+                        f"{model.params.vocab_size}; pass the --tokenizer it was trained with")
+    raw = load_wikitext(args.data_dir, args.dataset, args.dataset_config)
+    tokens = tokenize_splits(raw, tokenizer)[args.split]
+    loss = evaluate(model, tokens, device, bf16)
+    report({"checkpoint": args.checkpoint, "split": args.split, "tokens": len(tokens) - 1,
+            f"{args.split}_loss": loss, f"{args.split}_perplexity": math.exp(loss)},
+           Path(args.output_dir) / f"eval_{args.split}.json")
+    return 0
+
+
+def run_training(args, device, bf16) -> int:
+    tokenizer_name = args.tokenizer or "gpt2"
+    tokenizer = load_tokenizer(tokenizer_name)
+    cfg = TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                      min_lr=args.lr / 10, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
+                      time_budget=args.time_budget, eval_interval=args.eval_interval, seed=args.seed)
+    torch.manual_seed(args.seed)
+    params = ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                       vocab_size=len(tokenizer), max_seq_len=args.max_seq_len, dropout=args.dropout)
+    t0 = time.perf_counter()
+    streams = tokenize_splits(load_wikitext(args.data_dir, args.dataset, args.dataset_config), tokenizer)
+    data_time = time.perf_counter() - t0
+    model = Transformer(params).to(device)
+    print(f"device {device}, {'bf16 autocast' if bf16 else 'fp32'}; {model.num_params() / 1e6:.1f}M parameters; "
+          f"tokens: " + ", ".join(f"{k} {len(v)}" for k, v in streams.items()) + f" (loaded in {data_time:.1f}s)")
+
+    def on_best(m, val_loss):
+        save_checkpoint(args.checkpoint, m, tokenizer_name, val_loss=val_loss)
+
+    log = train(model, streams, cfg, device, bf16, on_best)
+    metrics = {"status": log["status"], "steps": log["steps"],
+               "final_train_loss": sum(log["recent_losses"]) / max(len(log["recent_losses"]), 1)}
+    if Path(args.checkpoint).is_file() and log["val_history"]:
+        model, _ = load_checkpoint(args.checkpoint, device)  # the best validation checkpoint
+        metrics.update(best_step=log["best_step"], val_loss=log["best_val_loss"],
+                       val_perplexity=math.exp(log["best_val_loss"]))
+        test_loss = evaluate(model, streams["test"], device, bf16)
+        metrics.update(test_loss=test_loss, test_perplexity=math.exp(test_loss))
+        metrics["samples"] = [sample(model, tokenizer, p, device, args.sample_tokens, seed=args.seed)
+                              for p in SAMPLE_PROMPTS]
+    metrics.update(parameters=model.num_params(), tokens_seen=log["tokens_seen"],
+                   tokens_per_s=log["tokens_seen"] / max(log["train_time_s"], 1e-9),
+                   wall_time_s=log["wall_time_s"], data_time_s=data_time, device=str(device),
+                   dtype="bf16" if bf16 else "fp32", checkpoint=args.checkpoint)
+    report(metrics, Path(args.output_dir) / "metrics.json")
+    if log["status"] == "nan":
+        print("error: training diverged (loss is NaN or infinite); try a lower --lr", file=sys.stderr)
+        return 1
+    return 130 if log["status"] == "interrupted" else 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        device = pick_device(args.device)
+        bf16 = use_bf16(args.dtype, device)
+        return run_eval_only(args, device, bf16) if args.eval_only else run_training(args, device, bf16)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
