@@ -466,24 +466,34 @@ def save_checkpoint(path: str, model: Transformer, tokenizer_name: str, **extra)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, device="cpu") -> tuple[Transformer, dict]:
-    """Rebuild the model from the ModelArgs stored beside its weights (torch.load with weights_only=True)."""
+def read_checkpoint(path: str, device="cpu") -> dict:
+    """torch.load with weights_only=True (tensors and plain values only), with one-line errors."""
     if not Path(path).is_file():
         raise UserError(f"no checkpoint at {path}; train one first with `python llama.py` "
                         "(offline: add --data-dir DIR --tokenizer DIR)")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
+
+
+def build_model(model_args: dict, state_dict: dict, source: str = "the checkpoint") -> Transformer:
+    """A Transformer of the given ModelArgs holding the given weights."""
+    known = {f.name for f in fields(ModelArgs)}
+    model = Transformer(ModelArgs(**{k: v for k, v in model_args.items() if k in known}))
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        raise UserError(f"{source}: the weights do not fit the model's arguments ({str(e).splitlines()[1].strip()[:160]})") from None
+    return model
+
+
+def load_checkpoint(path: str, device="cpu") -> tuple[Transformer, dict]:
+    """Rebuild the model from the ModelArgs stored beside its weights."""
+    ckpt = read_checkpoint(path, device)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise UserError(f"{path} holds no 'model' and 'model_args'; was it saved by llama.py?")
-    known = {f.name for f in fields(ModelArgs)}
-    model = Transformer(ModelArgs(**{k: v for k, v in ckpt["model_args"].items() if k in known}))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"{path}: the weights do not fit the stored ModelArgs ({str(e).splitlines()[0]})") from None
-    return model.to(device), ckpt
+    return build_model(ckpt["model_args"], ckpt["model"], path).to(device), ckpt
 
 
 def train(model: Transformer, streams: dict, cfg: TrainConfig, device: torch.device, bf16: bool,

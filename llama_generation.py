@@ -1,0 +1,306 @@
+"""Day 2, part 2: generate text with the LLaMA trained by llama.py.
+
+A language model gives, for a prefix, a distribution over the next token. Generating is choosing a token
+from it, appending it, and asking again. The strategies differ only in how they choose:
+
+    greedy    the most likely token                          (deterministic, tends to repeat itself)
+    sample    a draw from softmax(logits / temperature)      (temperature < 1 sharpens, > 1 flattens)
+    top_k     a draw from the k most likely tokens only      (Fan et al., 2018)
+    top_p     a draw from the smallest set holding p of the probability mass  (nucleus; Holtzman et al., 2019)
+
+With a KV cache each new token costs one position of compute: the keys and values of the prefix are kept
+from the previous steps instead of being recomputed.
+
+    python llama_generation.py                                  # after `python llama.py`
+    python llama_generation.py --tokenizer ../shared/data/gpt2-tokenizer --prompt "The river" --strategy top_p
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from llama import (CHECKPOINT, KVCache, Transformer, UserError, build_model, load_tokenizer, pick_device,
+                   read_checkpoint)
+
+STRATEGIES = ("greedy", "sample", "top_k", "top_p")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Choosing the next token: pure functions of the logits (batch, vocab)
+
+
+def pick_greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The worked example: the most likely token of each row, shape (batch, 1)."""
+    return logits.argmax(dim=-1, keepdim=True)
+
+
+def sample_with_temperature(logits: torch.Tensor, temperature: float = 1.0,
+                            generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Draw one token per row from softmax(logits / temperature); shape (batch, 1).
+
+    Removed tokens (logit -inf) have probability exp(-inf) = 0 and are never drawn.
+    """
+    # EXERCISE temperature_sampling: divide the logits by the temperature, softmax, then torch.multinomial(..., 1, generator=generator)
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+    # END EXERCISE
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (and any tied with the k-th); set the rest to -inf."""
+    # EXERCISE top_k: find the k-th largest logit of each row (torch.topk) and mask everything below it with -inf
+    k = min(k, logits.size(-1))
+    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+    # END EXERCISE
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the most likely tokens until their probabilities add up to p; the rest -> -inf.
+
+    A token is kept when the tokens more likely than it hold less than p of the mass, so the most likely
+    token always stays. Tokens tied with the last one kept are kept too, whatever their order.
+    """
+    # EXERCISE top_p: sort the probabilities in descending order, keep a token while the mass before it is < p, mask the rest with -inf
+    if p >= 1.0:  # everything; float rounding of the cumulative sum must not drop the tail
+        return logits
+    probs = F.softmax(logits.float(), dim=-1)
+    sorted_probs = probs.sort(dim=-1, descending=True).values
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    n_keep = (mass_before < p).sum(dim=-1, keepdim=True).clamp(min=1)
+    smallest_kept = sorted_probs.gather(-1, n_keep - 1)
+    return logits.masked_fill(probs < smallest_kept, float("-inf"))
+    # END EXERCISE
+
+
+@dataclass
+class Sampler:
+    """How to choose the next token: one of STRATEGIES with its settings and a seeded generator."""
+
+    strategy: str = "greedy"
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 0.9
+    generator: Optional[torch.Generator] = None
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise UserError(f"unknown strategy '{self.strategy}'; choose one of {', '.join(STRATEGIES)}")
+        if self.strategy != "greedy" and not self.temperature > 0:
+            raise UserError(f"--temperature must be > 0 for sampling, got {self.temperature} (use --strategy greedy "
+                            "for the most likely token)")
+        if self.top_k < 1:
+            raise UserError(f"--top-k must be at least 1, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.strategy == "greedy":
+            return pick_greedy(logits)
+        if self.strategy == "top_k":
+            logits = filter_top_k(logits, self.top_k)
+        elif self.strategy == "top_p":
+            # The nucleus is taken of the tempered distribution (as Hugging Face orders its warpers).
+            logits = filter_top_p(logits / self.temperature, self.top_p) * self.temperature
+        return sample_with_temperature(logits, self.temperature, self.generator)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The decoding loop
+
+
+@torch.no_grad()
+def generate_tokens(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
+                    pick_next: Callable[[torch.Tensor], torch.Tensor], eos_id: Optional[int] = None,
+                    use_cache: bool = True, on_token: Optional[Callable[[torch.Tensor], None]] = None):
+    """Extend prompt (batch, T) by up to max_new_tokens tokens; returns (new tokens (batch, n), stop reason).
+
+    With the cache, the prompt is run once ("prefill") and then each step feeds only the newest token at
+    position start_pos; without it, each step reruns the whole sequence. Stops when every row has produced
+    eos_id ("eos"), at the model's max_seq_len ("max_seq_len"), or after max_new_tokens ("max_new_tokens").
+    Rows that finished early are padded with eos_id.
+    """
+    model.eval()
+    batch, start = prompt.shape
+    max_len = model.params.max_seq_len
+    if start >= max_len:
+        raise UserError(f"the prompt has {start} tokens; the model's max_seq_len is {max_len}")
+    cache = KVCache(model.params, batch, prompt.device, model.output.weight.dtype) if use_cache else None
+    tokens = prompt
+    logits = model(prompt, 0, cache)[:, -1]
+    finished = torch.zeros(batch, 1, dtype=torch.bool, device=prompt.device)
+    reason = "max_new_tokens"
+    for _ in range(max_new_tokens):
+        nxt = pick_next(logits)
+        if eos_id is not None:
+            nxt = nxt.masked_fill(finished, eos_id)
+            finished |= nxt == eos_id
+        tokens = torch.cat([tokens, nxt], dim=1)
+        if on_token is not None:
+            on_token(nxt)
+        if eos_id is not None and bool(finished.all()):
+            reason = "eos"
+            break
+        if tokens.shape[1] >= max_len:
+            reason = "max_seq_len"
+            break
+        logits = model(nxt, tokens.shape[1] - 1, cache)[:, -1] if use_cache else model(tokens)[:, -1]
+    return tokens[:, start:], reason
+
+
+def encode_prompt(tokenizer, prompt: str, max_seq_len: int) -> list[int]:
+    """Token ids of the prompt. An empty prompt starts from the end-of-text token, as GPT-2 does; a prompt
+    too long for the model keeps its last max_seq_len - 1 tokens (with a note on stderr)."""
+    ids = tokenizer(prompt)["input_ids"]
+    if not ids:
+        if tokenizer.eos_token_id is None:
+            raise UserError("the prompt is empty and the tokenizer has no end-of-text token to start from")
+        ids = [tokenizer.eos_token_id]
+    if len(ids) >= max_seq_len:
+        print(f"note: the prompt has {len(ids)} tokens; keeping its last {max_seq_len - 1} "
+              f"(max_seq_len is {max_seq_len})", file=sys.stderr)
+        ids = ids[-(max_seq_len - 1):]
+    return ids
+
+
+def generate(model: Transformer, tokenizer, prompt: str, device, max_length: int = 50, strategy: str = "greedy",
+             temperature: float = 1.0, top_k: int = 50, top_p: float = 0.9, seed: Optional[int] = None,
+             num_samples: int = 1, stream: Optional[Callable[[str], None]] = None) -> tuple[list[str], str]:
+    """Continue `prompt` by up to max_length new tokens; returns (continuations, stop reason).
+
+    stream, if given, receives each new piece of text as it is decoded (first sample only).
+    """
+    generator = torch.Generator(device=device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    sampler = Sampler(strategy, temperature, top_k, top_p, generator)
+    ids = encode_prompt(tokenizer, prompt, model.params.max_seq_len)
+    prompt_ids = torch.tensor([ids] * num_samples, device=device)
+    shown, pieces = [0], []
+
+    def on_token(nxt):
+        if stream is not None:
+            pieces.append(int(nxt[0]))
+            text = tokenizer.decode(pieces)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                stream(text[shown[0]:])
+                shown[0] = len(text)
+
+    new, reason = generate_tokens(model, prompt_ids, max_length, sampler, tokenizer.eos_token_id, on_token=on_token)
+    texts = [tokenizer.decode([t for t in row if t != tokenizer.eos_token_id]) for row in new.tolist()]
+    return texts, reason
+
+
+# The course's four entry points, one per strategy.
+
+def generate_text_greedy(model, tokenizer, prompt, device, max_length=50, temperature=1.0):
+    return generate(model, tokenizer, prompt, device, max_length, "greedy")[0][0]
+
+
+def generate_text_sampling(model, tokenizer, prompt, device, max_length=50, temperature=1.0, seed=None):
+    return generate(model, tokenizer, prompt, device, max_length, "sample", temperature, seed=seed)[0][0]
+
+
+def generate_text_topk(model, tokenizer, prompt, device, max_length=50, temperature=1.0, top_k=50, seed=None):
+    return generate(model, tokenizer, prompt, device, max_length, "top_k", temperature, top_k=top_k, seed=seed)[0][0]
+
+
+def generate_text_topp(model, tokenizer, prompt, device, max_length=50, temperature=1.0, top_p=0.9, seed=None):
+    return generate(model, tokenizer, prompt, device, max_length, "top_p", temperature, top_p=top_p, seed=seed)[0][0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading and the command line
+
+
+def load_model(path: str, device, n_heads: Optional[int] = None, n_kv_heads: Optional[int] = None,
+               max_seq_len: Optional[int] = None, multiple_of: Optional[int] = None) -> tuple[Transformer, dict]:
+    """A checkpoint saved by llama.py carries its ModelArgs. A bare state_dict (the original course format)
+    also loads: dim, n_layers and vocab_size are read off the weights' shapes, the rest comes from the flags."""
+    ckpt = read_checkpoint(path, device)
+    if isinstance(ckpt, dict) and "model_args" in ckpt and "model" in ckpt:
+        return build_model(ckpt["model_args"], ckpt["model"], path).to(device), ckpt
+    if not isinstance(ckpt, dict) or "tok_embeddings.weight" not in ckpt:
+        raise UserError(f"{path} is neither a llama.py checkpoint nor a LLaMA state_dict")
+    if n_heads is None:
+        raise UserError(f"{path} is a bare state_dict without its ModelArgs; give --n-heads (and --n-kv-heads, "
+                        "--max-seq-len, --multiple-of if they differ from the defaults) it was trained with")
+    vocab_size, dim = ckpt["tok_embeddings.weight"].shape
+    n_layers = len({k.split(".")[1] for k in ckpt if k.startswith("layers.")})
+    tied = "output.weight" not in ckpt or torch.equal(ckpt["output.weight"], ckpt["tok_embeddings.weight"])
+    args = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
+                tie_embeddings=tied)
+    args.update({k: v for k, v in dict(max_seq_len=max_seq_len, multiple_of=multiple_of).items() if v is not None})
+    model = build_model(args, ckpt, path)
+    return model.to(device), {"model_args": args}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Generate text with the LLaMA trained by llama.py.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default=CHECKPOINT, help="written by llama.py")
+    p.add_argument("--tokenizer", help="Hub name or local folder (default: the one recorded in the checkpoint)")
+    p.add_argument("--prompt", default="In a world where")
+    p.add_argument("--strategy", choices=STRATEGIES + ("all",), default="all",
+                   help="'all' prints one continuation per strategy")
+    p.add_argument("--max-new-tokens", type=int, default=60)
+    p.add_argument("--temperature", type=float, default=0.8, help="for the sampling strategies")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0, help="sampling is reproducible for a given seed")
+    p.add_argument("--num-samples", type=int, default=1, help="continuations per strategy")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    bare = p.add_argument_group("for a bare state_dict without ModelArgs (the original course format)")
+    bare.add_argument("--n-heads", type=int)
+    bare.add_argument("--n-kv-heads", type=int)
+    bare.add_argument("--max-seq-len", type=int)
+    bare.add_argument("--multiple-of", type=int)
+    return p.parse_args(argv)
+
+
+def run(args) -> int:
+    if args.max_new_tokens < 1 or args.num_samples < 1:
+        raise UserError("--max-new-tokens and --num-samples must be at least 1")
+    device = pick_device(args.device)
+    model, ckpt = load_model(args.checkpoint, device, args.n_heads, args.n_kv_heads, args.max_seq_len,
+                             args.multiple_of)
+    tokenizer = load_tokenizer(args.tokenizer or ckpt.get("tokenizer") or "gpt2")
+    if len(tokenizer) > model.params.vocab_size:
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model was trained with "
+                        f"{model.params.vocab_size}; pass the --tokenizer it was trained with")
+    strategies = STRATEGIES if args.strategy == "all" else (args.strategy,)
+    for strategy in strategies:
+        Sampler(strategy, args.temperature, args.top_k, args.top_p)  # check the flags before any output
+    for strategy in strategies:
+        print(f"=== {strategy} ===")
+        print(args.prompt, end="", flush=True)
+        stream = lambda piece: print(piece, end="", flush=True)  # noqa: E731
+        texts, reason = generate(model, tokenizer, args.prompt, device, args.max_new_tokens, strategy,
+                                 args.temperature, args.top_k, args.top_p, args.seed, args.num_samples, stream)
+        print()
+        for i, text in enumerate(texts[1:], start=2):
+            print(f"--- sample {i} ---\n{args.prompt}{text}")
+        print(f"[stopped: {reason}]\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

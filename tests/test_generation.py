@@ -1,0 +1,294 @@
+"""Generation tests: the filters against Hugging Face's logits warpers, greedy decoding against
+LlamaForCausalLM.generate, the KV cache against recomputing the whole sequence, and the command line."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+import llama
+import llama_generation as gen
+from hf_reference import to_hf_llama
+
+DAY2_MODEL = [pytest.mark.rmsnorm, pytest.mark.swiglu, pytest.mark.causal_mask]
+
+
+def with_marks(*marks):
+    def decorate(fn):
+        for mark in marks:
+            fn = mark(fn)
+        return fn
+    return decorate
+
+
+def random_logits(batch=4, vocab=200, scale=3.0, seed=0):
+    return torch.randn(batch, vocab, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def kept(logits):
+    return torch.isfinite(logits)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The filters
+
+
+@pytest.mark.top_k
+@pytest.mark.parametrize("k", [1, 2, 17, 199, 200, 500])
+@pytest.mark.parametrize("scale", [0.1, 3.0, 80.0])
+def test_filter_top_k_matches_hf_top_k_logits_warper(k, scale):
+    logits = random_logits(scale=scale, seed=k)
+    expected = TopKLogitsWarper(top_k=k)(None, logits.clone())
+    assert torch.equal(gen.filter_top_k(logits.clone(), k), expected)
+
+
+@pytest.mark.top_k
+def test_filter_top_k_with_ties_matches_hf():
+    logits = torch.randint(0, 4, (6, 30), generator=torch.Generator().manual_seed(1)).float()
+    for k in (1, 3, 10):
+        assert torch.equal(gen.filter_top_k(logits, k), TopKLogitsWarper(top_k=k)(None, logits.clone()))
+
+
+@pytest.mark.top_p
+@pytest.mark.parametrize("p", [0.01, 0.3, 0.75, 0.9, 0.999, 1.0])
+@pytest.mark.parametrize("scale", [0.1, 3.0, 80.0])
+def test_filter_top_p_matches_hf_top_p_logits_warper(p, scale):
+    logits = random_logits(scale=scale, seed=int(p * 1000))
+    ours = gen.filter_top_p(logits.clone(), p)
+    theirs = TopPLogitsWarper(top_p=p)(None, logits.clone())
+    # The same distribution to sample from; tokens of probability 0 in float32 may differ in -inf vs finite.
+    torch.testing.assert_close(F.softmax(ours, -1), F.softmax(theirs, -1), rtol=0, atol=1e-6)
+    assert kept(ours).sum(-1).min() >= 1
+
+
+@pytest.mark.top_p
+def test_filter_top_p_with_ties_away_from_the_boundary_matches_hf():
+    logits = torch.tensor([[4.0, 4.0, 1.0, 1.0, 1.0, -2.0, -2.0], [0.0, 3.0, 3.0, 3.0, -1.0, -1.0, 5.0]])
+    for p in (0.6, 0.99):  # the boundaries fall between distinct values in both rows
+        torch.testing.assert_close(F.softmax(gen.filter_top_p(logits, p), -1),
+                                   F.softmax(TopPLogitsWarper(top_p=p)(None, logits.clone()), -1))
+
+
+@pytest.mark.top_p
+def test_filter_top_p_keeps_every_token_tied_with_the_last_one_kept():
+    # probabilities 0.4, 0.3, 0.3: p = 0.5 needs the first and one 0.3; HF keeps whichever its sort puts
+    # first, ours keeps both so the result never depends on token order.
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.3]]))
+    ours, theirs = kept(gen.filter_top_p(logits, 0.5)), kept(TopPLogitsWarper(top_p=0.5)(None, logits.clone()))
+    assert theirs.sum() == 2 and bool((theirs <= ours).all()) and ours.sum() == 3
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling
+
+
+@pytest.mark.temperature_sampling
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_sampling_frequencies_follow_softmax_of_logits_over_temperature(temperature):
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]]).repeat(20000, 1)
+    draws = gen.sample_with_temperature(logits, temperature, torch.Generator().manual_seed(0))
+    assert draws.shape == (20000, 1)
+    freq = torch.bincount(draws.flatten(), minlength=5).float() / 20000
+    expected = F.softmax(logits[0] / temperature, -1)
+    assert freq[4] == 0  # a removed token is never drawn
+    torch.testing.assert_close(freq, expected, rtol=0, atol=0.015)
+
+
+@pytest.mark.temperature_sampling
+def test_seeded_sampling_is_reproducible_and_seeds_differ():
+    logits = random_logits(batch=8, scale=1.0)
+    a = gen.sample_with_temperature(logits, 1.0, torch.Generator().manual_seed(7))
+    b = gen.sample_with_temperature(logits, 1.0, torch.Generator().manual_seed(7))
+    c = gen.sample_with_temperature(logits, 1.0, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@with_marks(pytest.mark.temperature_sampling, pytest.mark.top_k)
+def test_top_k_samples_always_lie_in_the_top_k_set():
+    logits = random_logits(batch=512, vocab=50, scale=0.5)
+    draws = gen.Sampler("top_k", temperature=1.5, top_k=5, generator=torch.Generator().manual_seed(0))(logits)
+    top5 = torch.topk(logits, 5).indices
+    assert bool((draws == top5).any(-1).all())
+
+
+@with_marks(pytest.mark.temperature_sampling, pytest.mark.top_p)
+def test_top_p_samples_always_lie_in_the_nucleus():
+    logits = random_logits(batch=512, vocab=50, scale=2.0)
+    draws = gen.Sampler("top_p", temperature=1.0, top_p=0.5, generator=torch.Generator().manual_seed(0))(logits)
+    nucleus = kept(TopPLogitsWarper(top_p=0.5)(None, logits.clone()))
+    assert bool(nucleus.gather(1, draws).all())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(strategy="sample", temperature=0.0), "--temperature"),
+    (dict(strategy="top_k", top_k=0), "--top-k"),
+    (dict(strategy="top_p", top_p=0.0), "--top-p"),
+    (dict(strategy="top_p", top_p=1.5), "--top-p"),
+    (dict(strategy="beam"), "unknown strategy"),
+])
+def test_sampler_rejects_invalid_settings(kwargs, message):
+    with pytest.raises(llama.UserError, match=message):
+        gen.Sampler(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoding with the model
+
+
+def tiny_model(n_kv_heads=None, max_seq_len=48, vocab_size=101, seed=0):
+    torch.manual_seed(seed)
+    model = llama.Transformer(llama.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads,
+                                              vocab_size=vocab_size, multiple_of=32, max_seq_len=max_seq_len))
+    with torch.no_grad():  # larger weights than the training init, so the argmax is never a near-tie
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model.eval()
+
+
+@with_marks(*DAY2_MODEL)
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_greedy_generation_equals_hf_generate(n_kv_heads):
+    model = tiny_model(n_kv_heads)
+    hf = to_hf_llama(model)
+    prompt = torch.tensor([[5, 17, 42, 8, 99, 3]])
+    ours, reason = gen.generate_tokens(model, prompt, 30, gen.pick_greedy)
+    theirs = hf.generate(prompt, max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert reason == "max_new_tokens"
+    assert ours.tolist() == theirs[:, prompt.shape[1]:].tolist()
+
+
+@with_marks(*DAY2_MODEL)
+@pytest.mark.parametrize("n_kv_heads", [4, 1])
+def test_cached_decoding_gives_the_logits_of_recomputing_the_whole_sequence(n_kv_heads):
+    model = tiny_model(n_kv_heads)
+    tokens = torch.randint(0, 101, (3, 40), generator=torch.Generator().manual_seed(0))
+    cache = llama.KVCache(model.params, 3)
+    with torch.no_grad():
+        # prefill in two chunks (the second has start_pos > 0 and needs the offset mask), then one by one
+        step_logits = [model(tokens[:, :5], 0, cache), model(tokens[:, 5:12], 5, cache)]
+        step_logits += [model(tokens[:, t:t + 1], t, cache) for t in range(12, 40)]
+        full = model(tokens)
+    torch.testing.assert_close(torch.cat(step_logits, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+@with_marks(*DAY2_MODEL)
+def test_generation_without_cache_picks_the_same_tokens():
+    model = tiny_model()
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with_cache, _ = gen.generate_tokens(model, prompt, 25, gen.pick_greedy, use_cache=True)
+    without, _ = gen.generate_tokens(model, prompt, 25, gen.pick_greedy, use_cache=False)
+    assert torch.equal(with_cache, without)
+
+
+@with_marks(*DAY2_MODEL)
+def test_generation_stops_at_eos_and_at_max_seq_len_and_says_which():
+    model = tiny_model(max_seq_len=16)
+    calls = {"n": 0}
+
+    def eos_on_third(logits):
+        calls["n"] += 1
+        return torch.full((logits.shape[0], 1), 7 if calls["n"] == 3 else 1)
+
+    new, reason = gen.generate_tokens(model, torch.tensor([[1, 2]]), 10, eos_on_third, eos_id=7)
+    assert reason == "eos" and new.tolist() == [[1, 1, 7]]
+    new, reason = gen.generate_tokens(model, torch.tensor([[1, 2, 3, 4]]), 50, gen.pick_greedy)
+    assert reason == "max_seq_len" and new.shape == (1, 12)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line, in process
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_tokenizer_dir):
+    tok = llama.load_tokenizer(tiny_tokenizer_dir)
+    model = tiny_model(vocab_size=len(tok), max_seq_len=64)
+    path = tmp_path_factory.mktemp("ckpt") / "llama.pth"
+    llama.save_checkpoint(path, model, tiny_tokenizer_dir)
+    return path, model
+
+
+def run_main(argv, capsys):
+    try:
+        code = gen.main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@with_marks(*DAY2_MODEL, pytest.mark.temperature_sampling, pytest.mark.top_k, pytest.mark.top_p)
+def test_cli_prints_all_four_strategies_reproducibly(checkpoint, capsys):
+    argv = ["--checkpoint", str(checkpoint[0]), "--max-new-tokens", "12", "--seed", "3"]
+    code, out, err = run_main(argv, capsys)
+    assert code == 0, err
+    for strategy in gen.STRATEGIES:
+        assert f"=== {strategy} ===\nIn a world where" in out
+    assert out.count("[stopped: max_new_tokens]") == 4
+    assert run_main(argv, capsys)[1] == out  # same seed, same text
+    assert run_main(argv[:-1] + ["4"], capsys)[1] != out
+
+
+@with_marks(*DAY2_MODEL)
+def test_cli_streamed_text_equals_the_greedy_continuation(checkpoint, tiny_tokenizer_dir, capsys):
+    path, model = checkpoint
+    tok = llama.load_tokenizer(tiny_tokenizer_dir)
+    expected = gen.generate_text_greedy(model, tok, "The river", "cpu", max_length=10)
+    code, out, _ = run_main(["--checkpoint", str(path), "--strategy", "greedy", "--prompt", "The river",
+                             "--max-new-tokens", "10"], capsys)
+    assert code == 0 and out.splitlines()[1] == "The river" + expected.replace("\n", "")
+
+
+@with_marks(*DAY2_MODEL)
+def test_bare_state_dict_loads_with_model_flags(checkpoint, tmp_path, capsys):
+    path, model = checkpoint
+    bare = tmp_path / "bare.pth"
+    torch.save(model.state_dict(), bare)
+    code, _, err = run_main(["--checkpoint", str(bare), "--strategy", "greedy"], capsys)
+    assert code == 2 and "--n-heads" in err
+    code, out, err = run_main(["--checkpoint", str(bare), "--tokenizer", torch.load(path)["tokenizer"],
+                               "--n-heads", "4", "--max-seq-len", "64", "--multiple-of", "32",
+                               "--strategy", "greedy", "--max-new-tokens", "5"], capsys)
+    assert code == 0, err
+    assert out == run_main(["--checkpoint", str(path), "--strategy", "greedy", "--max-new-tokens", "5"], capsys)[1]
+
+
+@with_marks(*DAY2_MODEL)
+def test_empty_and_overlong_prompts_have_documented_behaviour(checkpoint, capsys):
+    path, _ = checkpoint
+    code, out, err = run_main(["--checkpoint", str(path), "--strategy", "greedy", "--prompt", "",
+                               "--max-new-tokens", "4"], capsys)
+    assert code == 0 and "[stopped:" in out  # starts from the end-of-text token
+    code, out, err = run_main(["--checkpoint", str(path), "--strategy", "greedy", "--prompt", "the cat " * 80,
+                               "--max-new-tokens", "4"], capsys)
+    assert code == 0 and "keeping its last 63" in err and "[stopped: max_seq_len]" in out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--temperature", "0", "--strategy", "sample"], "--temperature"),
+    (["--top-k", "0"], "--top-k"),
+    (["--top-p", "1.5"], "--top-p"),
+    (["--top-p", "0"], "--top-p"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+])
+def test_invalid_flags_end_with_one_clear_line(checkpoint, extra, message, capsys):
+    code, out, err = run_main(["--checkpoint", str(checkpoint[0]), *extra], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err and out == ""
+
+
+def test_bad_checkpoints_and_tokenizers_are_reported(checkpoint, tmp_path, capsys):
+    code, _, err = run_main(["--checkpoint", str(tmp_path / "none.pth")], capsys)
+    assert code == 2 and "python llama.py" in err
+    (tmp_path / "junk.pth").write_text("hello")
+    code, _, err = run_main(["--checkpoint", str(tmp_path / "junk.pth")], capsys)
+    assert code == 2 and "not a readable PyTorch checkpoint" in err
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pth")
+    code, _, err = run_main(["--checkpoint", str(tmp_path / "other.pth")], capsys)
+    assert code == 2 and "neither a llama.py checkpoint" in err
+    small = tiny_model(vocab_size=50)
+    llama.save_checkpoint(tmp_path / "small.pth", small, torch.load(checkpoint[0])["tokenizer"])
+    code, _, err = run_main(["--checkpoint", str(tmp_path / "small.pth")], capsys)
+    assert code == 2 and "tokenizer has" in err
+    for e in (err,):
+        assert "Traceback" not in e

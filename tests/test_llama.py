@@ -1,0 +1,379 @@
+"""Day 2 tests: each piece of llama.py against an independent implementation.
+
+RMSNorm against torch.nn.RMSNorm, FeedForward against Hugging Face's LlamaMLP, the causal mask against
+torch.tril and SDPA's own is_causal, the whole Transformer against Hugging Face's LlamaForCausalLM with
+the weights copied across; then the data pipeline, training and the command line.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llama
+from hf_reference import to_hf_llama
+from llama import ModelArgs, Transformer
+
+ALL_DAY2 = [pytest.mark.rmsnorm, pytest.mark.swiglu, pytest.mark.causal_mask]
+
+
+def with_marks(marks):
+    def decorate(fn):
+        for mark in marks:
+            fn = mark(fn)
+        return fn
+    return decorate
+
+
+def tiny_args(**overrides) -> ModelArgs:
+    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=None, vocab_size=101, multiple_of=32, max_seq_len=32)
+    return ModelArgs(**{**base, **overrides})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Components
+
+
+@pytest.mark.rmsnorm
+@pytest.mark.parametrize("shape", [(3, 7, 16), (1, 64)])
+def test_rmsnorm_matches_torch_nn_rmsnorm(shape):
+    torch.manual_seed(0)
+    ours, ref = llama.RMSNorm(shape[-1], eps=1e-5), torch.nn.RMSNorm(shape[-1], eps=1e-5)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(shape[-1]))
+        ref.weight.copy_(ours.weight)
+    x = torch.randn(shape) * 3 + 1
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.rmsnorm
+def test_rmsnorm_keeps_bf16_inputs_in_bf16():
+    x = torch.randn(2, 5, 8).bfloat16()
+    assert llama.RMSNorm(8)(x).dtype == torch.float32  # bf16 input times an fp32 weight promotes
+    assert llama.RMSNorm(8).bfloat16()(x).dtype == torch.bfloat16
+
+
+@pytest.mark.swiglu
+def test_feedforward_matches_hf_llama_mlp():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    ours = llama.FeedForward(32, 96)
+    ref = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=96, mlp_bias=False, hidden_act="silu"))
+    ref.gate_proj.weight.data.copy_(ours.w1.weight)
+    ref.down_proj.weight.data.copy_(ours.w2.weight)
+    ref.up_proj.weight.data.copy_(ours.w3.weight)
+    x = torch.randn(4, 9, 32)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+def test_hidden_dim_follows_metas_rounding():
+    # 2/3 of 4*dim, times the multiplier, rounded up to multiple_of: LLaMA-7B's 4096 -> 11008.
+    assert ModelArgs(dim=4096, n_heads=32, multiple_of=256).hidden_dim == 11008
+    assert ModelArgs(dim=8192, n_heads=64, multiple_of=4096, ffn_dim_multiplier=1.3).hidden_dim == 28672
+
+
+@pytest.mark.causal_mask
+@pytest.mark.parametrize("seqlen,start_pos", [(1, 0), (5, 0), (3, 4), (1, 7)])
+def test_causal_mask_is_the_lower_triangle_offset_by_start_pos(seqlen, start_pos):
+    total = start_pos + seqlen
+    full = torch.ones(total, total).tril().bool()  # row i: the keys position i may see
+    mask = llama.causal_mask(seqlen, start_pos)
+    assert mask.dtype == torch.bool and mask.shape == (seqlen, total)
+    assert torch.equal(mask, full[start_pos:])
+
+
+@pytest.mark.causal_mask
+def test_causal_mask_in_attention_equals_sdpa_is_causal():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 6, 8).unbind(0)
+    ours = F.scaled_dot_product_attention(q, k, v, attn_mask=llama.causal_mask(6, 0))
+    torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_rotary_embedding_keeps_norms_and_depends_only_on_relative_position():
+    torch.manual_seed(0)
+    freqs = llama.precompute_freqs_cis(16, 40)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(m, n):
+        qm, _ = llama.apply_rotary_emb(q, q, freqs[m:m + 1])
+        _, kn = llama.apply_rotary_emb(k, k, freqs[n:n + 1])
+        return (qm * kn).sum()
+
+    rq, _ = llama.apply_rotary_emb(q, k, freqs[9:10])
+    torch.testing.assert_close(rq.norm(), q.norm())
+    torch.testing.assert_close(score(3, 1), score(30, 28), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(score(3, 1), score(3, 2))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(dim=60, n_heads=8), "divisible by n_heads"),
+    (dict(n_heads=4, n_kv_heads=3), "divisible by n_kv_heads"),
+    (dict(dim=12, n_heads=4), "must be even"),
+    (dict(dropout=1.5), "dropout"),
+    (dict(n_layers=0), "n_layers"),
+])
+def test_model_args_reject_invalid_configs(bad, message):
+    with pytest.raises(llama.UserError, match=message):
+        tiny_args(**bad)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The whole model
+
+
+@with_marks(ALL_DAY2)
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_transformer_matches_hf_llama_for_causal_lm(n_kv_heads, tie):
+    torch.manual_seed(0)
+    model = Transformer(tiny_args(n_kv_heads=n_kv_heads, tie_embeddings=tie)).eval()
+    hf = to_hf_llama(model)
+    tokens = torch.randint(0, 101, (3, 17))
+    with torch.no_grad():
+        ours, theirs = model(tokens), hf(tokens).logits
+    assert ours.shape == (3, 17, 101)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@with_marks(ALL_DAY2)
+def test_changing_future_tokens_never_changes_past_logits():
+    torch.manual_seed(0)
+    model = Transformer(tiny_args()).eval()
+    tokens = torch.randint(0, 101, (2, 20))
+    with torch.no_grad():
+        base = model(tokens)
+        for t in (0, 7, 18):
+            changed = tokens.clone()
+            changed[:, t + 1:] = torch.randint(0, 101, changed[:, t + 1:].shape)
+            torch.testing.assert_close(model(changed)[:, :t + 1], base[:, :t + 1], rtol=0, atol=1e-6)
+            assert not torch.allclose(model(changed)[:, t + 1:], base[:, t + 1:])
+
+
+@with_marks(ALL_DAY2)
+def test_every_parameter_receives_a_gradient():
+    torch.manual_seed(0)
+    model = Transformer(tiny_args(n_kv_heads=2, dropout=0.1))
+    tokens = torch.randint(0, 101, (2, 12))
+    F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+
+
+def test_tied_embeddings_share_one_matrix_and_the_flop_estimate_counts_it_once():
+    model = Transformer(tiny_args())
+    assert model.output.weight is model.tok_embeddings.weight
+    n = sum(p.numel() for p in model.parameters())
+    assert model.num_params() == n
+    assert model.flops_per_token(32) == 6 * n + 12 * 2 * 64 * 32
+
+
+def test_sequence_longer_than_max_seq_len_is_refused():
+    model = Transformer(tiny_args(max_seq_len=8))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+
+@pytest.fixture(scope="module")
+def streams(tiny_wikitext_dir, tiny_tokenizer_dir):
+    tok = llama.load_tokenizer(tiny_tokenizer_dir)
+    return tok, llama.tokenize_splits(llama.load_wikitext(tiny_wikitext_dir), tok)
+
+
+def test_token_streams_decode_back_to_the_raw_files(streams, tiny_wikitext_dir):
+    tok, s = streams
+    for split, name in llama.WIKITEXT_FILES.items():
+        raw = open(f"{tiny_wikitext_dir}/{name}").read()
+        assert tok.decode(s[split].tolist()) == raw  # byte-level BPE is lossless: nothing dropped or padded
+
+
+def test_train_batches_are_contiguous_shifted_windows_without_padding(streams):
+    _, s = streams
+    tokens = s["train"]
+    x, y = next(llama.train_batches(tokens, 16, 4, torch.Generator().manual_seed(0)))
+    assert x.shape == y.shape == (4, 16)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    text = tokens.tolist()
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        starts = [i for i in range(len(text) - 16) if text[i:i + 16] == row_x]
+        assert any(text[i + 1:i + 17] == row_y for i in starts)
+
+
+def test_train_batches_are_reproducible_from_the_seed(streams):
+    _, s = streams
+    a = llama.train_batches(s["train"], 16, 4, torch.Generator().manual_seed(3))
+    b = llama.train_batches(s["train"], 16, 4, torch.Generator().manual_seed(3))
+    for _ in range(5):
+        assert torch.equal(next(a)[0], next(b)[0])
+
+
+def test_eval_windows_predict_every_token_exactly_once(streams):
+    _, s = streams
+    tokens = s["validation"]
+    windows = llama.eval_windows(tokens, 16)
+    assert all(len(w) <= 17 for w in windows)
+    assert torch.equal(torch.cat([w[1:] for w in windows]), tokens[1:].long())
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
+    cfg = llama.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=100)
+    assert llama.learning_rate(0, 0.0, cfg) == pytest.approx(0.1)
+    assert llama.learning_rate(9, 0.09, cfg) == pytest.approx(1.0)
+    assert llama.learning_rate(50, 0.5, cfg) == pytest.approx(0.55)
+    assert llama.learning_rate(100, 1.0, cfg) == pytest.approx(0.1)
+
+
+def test_evaluate_equals_mean_cross_entropy_over_the_split(streams):
+    _, s = streams
+    torch.manual_seed(0)
+    model = Transformer(tiny_args(vocab_size=320, max_seq_len=16)).eval()
+    tokens = s["validation"].long()
+    with torch.no_grad():
+        nll = []
+        for w in llama.eval_windows(tokens, 16):
+            nll.append(F.cross_entropy(model(w[None, :-1])[0], w[1:], reduction="none"))
+        expected = torch.cat(nll).mean().item()
+    assert llama.evaluate(model, tokens, torch.device("cpu")) == pytest.approx(expected, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line, in process
+
+
+def run_main(argv, capsys):
+    try:
+        code = llama.main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def data_flags(tiny_wikitext_dir, tiny_tokenizer_dir):
+    return ["--data-dir", tiny_wikitext_dir, "--tokenizer", tiny_tokenizer_dir]
+
+
+@with_marks(ALL_DAY2)
+def test_smoke_training_learns_saves_a_checkpoint_and_reports(tmp_path, data_flags, capsys):
+    ckpt, out_dir = tmp_path / "model.pth", tmp_path / "run"
+    code, out, err = run_main(["--preset", "smoke", *data_flags, "--checkpoint", str(ckpt), "--output-dir",
+                               str(out_dir), "--max-steps", "60", "--eval-interval", "30", "--dim", "48",
+                               "--n-heads", "4", "--max-seq-len", "24", "--dtype", "fp32"], capsys)
+    assert code == 0, err
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    for key in ("final_train_loss", "val_perplexity", "test_perplexity", "tokens_seen", "tokens_per_s",
+                "wall_time_s", "samples"):
+        assert key in metrics, key
+    assert metrics["val_perplexity"] < 320 / 4  # far below a uniform guess over the 320-token vocabulary
+    assert metrics["samples"][0].startswith("In a world where")
+    assert "val_perplexity" in out and "In a world where" in out
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["model_args"]["dim"] == 48 and saved["tokenizer"] == data_flags[-1]
+    assert not list(tmp_path.glob("*.tmp"))
+
+    # --eval-only rebuilds the model from the checkpoint alone and gets the same test perplexity.
+    code, out, err = run_main(["--eval-only", "--checkpoint", str(ckpt), "--split", "test", *data_flags,
+                               "--output-dir", str(out_dir), "--dtype", "fp32"], capsys)
+    assert code == 0, err
+    evaluated = json.loads((out_dir / "eval_test.json").read_text())
+    assert evaluated["test_perplexity"] == pytest.approx(metrics["test_perplexity"], rel=1e-4)
+
+
+def test_ctrl_c_saves_the_model_and_reports(tmp_path, data_flags, capsys, monkeypatch):
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def step_then_interrupt(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_interrupt)
+    ckpt = tmp_path / "model.pth"
+    code, out, err = run_main(["--preset", "smoke", *data_flags, "--checkpoint", str(ckpt), "--output-dir",
+                               str(tmp_path), "--max-steps", "50", "--eval-interval", "100"], capsys)
+    assert code == 130
+    assert ckpt.is_file()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["steps"] == 2
+    assert "Traceback" not in err
+
+
+def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_reports(tmp_path, data_flags, capsys, monkeypatch):
+    real_forward = Transformer.forward
+    calls = {"n": 0}
+
+    def forward_then_nan(self, tokens, *a, **k):
+        logits = real_forward(self, tokens, *a, **k)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] >= 4:
+                return logits * float("nan")
+        return logits
+
+    monkeypatch.setattr(Transformer, "forward", forward_then_nan)
+    ckpt = tmp_path / "model.pth"
+    code, out, err = run_main(["--preset", "smoke", *data_flags, "--checkpoint", str(ckpt), "--output-dir",
+                               str(tmp_path), "--max-steps", "50", "--eval-interval", "1"], capsys)
+    assert code == 1
+    assert err.strip().splitlines()[-1].startswith("error: training diverged")
+    assert torch.load(ckpt, weights_only=True)["val_loss"] < math.inf  # the step-3 checkpoint survived
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "nan"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dim", "30", "--n-heads", "4"], "divisible by n_heads"),
+    (["--lr", "-1"], "lr"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--time-budget", "0"], "--time-budget"),
+])
+def test_invalid_flags_end_with_one_clear_line(extra, message, tmp_path, data_flags, capsys):
+    code, out, err = run_main(["--preset", "smoke", *data_flags, "--checkpoint", str(tmp_path / "c.pth"),
+                               *extra], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+def test_missing_or_empty_data_files_are_reported(tmp_path, tiny_tokenizer_dir, capsys):
+    (tmp_path / "wiki.train.raw").write_text("some text\n")
+    code, _, err = run_main(["--preset", "smoke", "--data-dir", str(tmp_path), "--tokenizer", tiny_tokenizer_dir],
+                            capsys)
+    assert code == 2 and "wiki.valid.raw is missing" in err
+    (tmp_path / "wiki.valid.raw").write_text("")
+    (tmp_path / "wiki.test.raw").write_text("text\n")
+    code, _, err = run_main(["--preset", "smoke", "--data-dir", str(tmp_path), "--tokenizer", tiny_tokenizer_dir],
+                            capsys)
+    assert code == 2 and "wiki.valid.raw is empty" in err
+
+
+def test_unreachable_hub_without_local_data_says_how_to_run_offline(tmp_path, tiny_tokenizer_dir, capsys,
+                                                                     monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    code, _, err = run_main(["--preset", "smoke", "--tokenizer", tiny_tokenizer_dir,
+                             "--dataset", "nobody/no-such-dataset-here"], capsys)
+    assert code == 2 and "--data-dir" in err and "Traceback" not in err
+
+
+def test_bad_tokenizer_path_and_bad_checkpoint_are_reported(tmp_path, data_flags, capsys):
+    code, _, err = run_main(["--preset", "smoke", "--data-dir", data_flags[1], "--tokenizer",
+                             str(tmp_path / "nope")], capsys)
+    assert code == 2 and "--tokenizer" in err
+    code, _, err = run_main(["--eval-only", "--checkpoint", str(tmp_path / "missing.pth"), *data_flags], capsys)
+    assert code == 2 and "train one first" in err
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    code, _, err = run_main(["--eval-only", "--checkpoint", str(tmp_path / "junk.pth"), *data_flags], capsys)
+    assert code == 2 and "not a readable PyTorch checkpoint" in err
