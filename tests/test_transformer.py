@@ -1,0 +1,316 @@
+"""Tests for transformer.py (Day 1), each against an independent truth named in the test's name:
+torch's nn.MultiheadAttention, torchvision's VisionTransformer and EncoderBlock, F.unfold, PIL, and the files the
+CLI must write. A tiny image folder is built in tmp_path, so no test needs the network or the course data.
+Each test is marked with the exercises it needs (`pytest -m attention`)."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import transformer as T
+
+ALL_EXERCISES = [pytest.mark.patch_embedding, pytest.mark.attention, pytest.mark.encoder_block]
+
+
+def all_exercises(test):
+    for mark in ALL_EXERCISES:
+        test = mark(test)
+    return test
+
+
+def small_config(**overrides) -> T.ViTConfig:
+    base = dict(image_size=32, patch_size=8, dim=48, depth=2, n_heads=4, mlp_dim=96, num_classes=5)
+    return T.ViTConfig(**{**base, **overrides})
+
+
+def torchvision_vit(c: T.ViTConfig) -> nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(image_size=c.image_size, patch_size=c.patch_size, num_layers=c.depth,
+                             num_heads=c.n_heads, hidden_dim=c.dim, mlp_dim=c.mlp_dim, num_classes=c.num_classes)
+
+
+def randomize_(module: nn.Module, std: float = 0.2, seed: int = 0) -> nn.Module:
+    """Non-trivial weights everywhere (torchvision zero-initialises its head and some biases)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------------- components
+
+
+@pytest.mark.patch_embedding
+def test_patch_embedding_matches_unfold_and_matmul():
+    torch.manual_seed(0)
+    emb = randomize_(T.PatchEmbedding(patch_size=4, dim=10, in_channels=3))
+    images = torch.randn(2, 3, 12, 12)
+    # truth: cut the patches out with F.unfold (row-major), flatten each, multiply by the conv kernel as a matrix
+    patches = F.unfold(images, kernel_size=4, stride=4).transpose(1, 2)  # (B, 9, 3*4*4)
+    expected = patches @ emb.proj.weight.reshape(10, -1).T + emb.proj.bias
+    out = emb(images)
+    assert out.shape == (2, 9, 10)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.attention
+@pytest.mark.parametrize("batch, seq, dim, heads", [(1, 1, 8, 1), (3, 7, 48, 4), (2, 65, 192, 3)])
+def test_attention_matches_nn_multiheadattention(batch, seq, dim, heads):
+    torch.manual_seed(0)
+    ours = randomize_(T.MultiHeadSelfAttention(dim, heads), std=dim ** -0.5).eval()
+    ref = nn.MultiheadAttention(dim, heads, batch_first=True).eval()
+    with torch.no_grad():  # same weights: qkv holds q, k, v stacked exactly like in_proj_weight
+        ref.in_proj_weight.copy_(ours.qkv.weight)
+        ref.in_proj_bias.copy_(ours.qkv.bias)
+        ref.out_proj.weight.copy_(ours.proj.weight)
+        ref.out_proj.bias.copy_(ours.proj.bias)
+    x = torch.randn(batch, seq, dim)
+    expected, _ = ref(x, x, x, need_weights=False)
+    torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.attention
+def test_attention_rows_mix_values_like_explicit_softmax_formula():
+    # one head, identity projections: the output must be softmax(x x^T / sqrt(d)) x, written out here by hand
+    d = 4
+    attn = T.MultiHeadSelfAttention(d, 1)
+    with torch.no_grad():
+        attn.qkv.weight.copy_(torch.cat([torch.eye(d)] * 3))
+        attn.qkv.bias.zero_()
+        attn.proj.weight.copy_(torch.eye(d))
+        attn.proj.bias.zero_()
+    x = torch.randn(1, 5, d)
+    w = torch.exp(x[0] @ x[0].T / math.sqrt(d))
+    expected = (w / w.sum(-1, keepdim=True)) @ x[0]
+    torch.testing.assert_close(attn(x)[0], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.encoder_block
+@pytest.mark.attention
+def test_encoder_block_matches_torchvision_encoderblock():
+    from torchvision.models.vision_transformer import EncoderBlock as TVBlock
+
+    torch.manual_seed(0)
+    ref = randomize_(TVBlock(num_heads=4, hidden_dim=48, mlp_dim=96, dropout=0.0, attention_dropout=0.0)).eval()
+    ours = T.EncoderBlock(48, 4, 96).eval()
+    state = {k.replace("self_attention.in_proj_", "self_attention.qkv.").replace("out_proj", "proj")
+             .replace("mlp.0.", "mlp.fc1.").replace("mlp.3.", "mlp.fc2."): v for k, v in ref.state_dict().items()}
+    ours.load_state_dict(state)
+    x = torch.randn(3, 17, 48)
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- whole model
+
+
+@all_exercises
+@pytest.mark.parametrize("batch", [1, 5])
+def test_model_matches_torchvision_visiontransformer(batch):
+    torch.manual_seed(0)
+    c = small_config()
+    ref = randomize_(torchvision_vit(c)).eval()
+    ours = T.VisionTransformer(c).eval()
+    ours.load_state_dict(T.from_torchvision_state_dict(ref.state_dict()))  # strict: every tensor maps, none left
+    images = torch.randn(batch, 3, c.image_size, c.image_size)
+    with torch.no_grad():
+        expected, got = ref(images), ours(images)
+    assert got.shape == (batch, c.num_classes)
+    assert (got - expected).abs().max().item() < 1e-5
+
+
+def test_parameter_names_and_shapes_match_torchvision_one_to_one():
+    c = small_config()
+    ours = {k: v.shape for k, v in T.VisionTransformer(c).state_dict().items()}
+    theirs = {k: v.shape for k, v in T.from_torchvision_state_dict(torchvision_vit(c).state_dict()).items()}
+    assert ours == theirs
+
+
+@all_exercises
+@pytest.mark.parametrize("batch", [1, 2, 7])
+def test_output_shape_is_batch_by_classes_for_batch_1_and_many(batch):
+    c = small_config(image_size=24, patch_size=6, num_classes=3)
+    logits = T.VisionTransformer(c)(torch.randn(batch, 3, 24, 24))
+    assert logits.shape == (batch, 3)
+    assert torch.isfinite(logits).all()
+
+
+@all_exercises
+def test_every_parameter_receives_a_gradient():
+    torch.manual_seed(0)
+    model = T.VisionTransformer(small_config())
+    nn.init.normal_(model.head.weight, std=0.02)  # the zero-initialised head would block gradients to the rest
+    F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_wrong_image_size_is_a_clear_error_like_torchvision():
+    model = T.VisionTransformer(small_config())
+    with pytest.raises(ValueError, match=r"expects images of shape \(B, 3, 32, 32\)"):
+        model(torch.randn(1, 3, 24, 32))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(image_size=30, patch_size=8), "not divisible by patch_size"),
+    (dict(dim=50, n_heads=4), "not divisible by n_heads"),
+    (dict(depth=0), "depth must be a positive integer"),
+    (dict(num_classes=1), "num_classes must be at least 2"),
+    (dict(dropout=1.5), "dropout must be in"),
+])
+def test_config_validation_raises_clear_valueerror(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        small_config(**overrides)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def write_image_folder(root, per_class=4, val_per_class=2):
+    """train/ and validation/ with cats (reddish) and dogs (bluish) in several modes, plus one corrupt JPEG."""
+    colors = {"cats": (200, 40, 40), "dogs": (40, 40, 200)}
+    modes = ["RGB", "L", "RGBA", "CMYK", "P"]
+    for split, n in (("train", per_class), ("validation", val_per_class)):
+        for cls, rgb in colors.items():
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                mode = modes[i % len(modes)]
+                img = Image.new("RGB", (40 + 3 * i, 36), rgb).convert(mode)
+                img.save(folder / f"{cls}_{i}.{'jpg' if mode in ('RGB', 'CMYK') else 'png'}")
+    good = (root / "train" / "cats" / "cats_0.jpg").read_bytes()
+    (root / "train" / "dogs" / "corrupt.jpg").write_bytes(good[: len(good) // 3])  # truncated JPEG
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("images"), per_class=6, val_per_class=3)
+
+
+def data_args(data_dir, **kw):
+    return T.parse_args(["--data-dir", str(data_dir), "--preset", "smoke", *kw.get("extra", [])])[0]
+
+
+def test_decode_image_matches_pil_rgb_for_gray_rgba_cmyk(tmp_path):
+    for mode, color in [("L", 90), ("RGBA", (10, 200, 30, 128)), ("CMYK", (0, 255, 255, 0)), ("RGB", (1, 2, 3))]:
+        path = tmp_path / f"x_{mode}.{'jpg' if mode == 'CMYK' else 'png'}"
+        Image.new(mode, (20, 10), color).save(path)
+        expected = torch.tensor(Image.open(path).convert("RGB").getpixel((5, 5)), dtype=torch.uint8)
+        out = T.decode_image(path, 8)
+        assert out.shape == (3, 8, 8) and out.dtype == torch.uint8
+        assert (out[:, 4, 4].int() - expected.int()).abs().max() <= 2, mode
+
+
+def test_image_folder_loads_via_datasets_and_skips_the_corrupt_file(image_folder):
+    train, val, image_col, label_col, classes = T.load_splits(data_args(image_folder))
+    assert classes == ["cats", "dogs"]
+    cache = T.cache_split(train, image_col, label_col, 16, "train")
+    assert cache.skipped == 1  # the truncated JPEG, counted and skipped
+    assert cache.images.shape == (12, 3, 16, 16) and cache.images.dtype == torch.uint8
+    assert cache.labels.tolist().count(0) == 6 and cache.labels.tolist().count(1) == 6
+    # cats are red, dogs are blue (grayscale files: equal), whatever mode the file was saved in
+    red = cache.images[:, 0].float().mean((1, 2))
+    blue = cache.images[:, 2].float().mean((1, 2))
+    assert (red[cache.labels == 0] >= blue[cache.labels == 0]).all()
+    assert (blue[cache.labels == 1] >= red[cache.labels == 1]).all()
+    assert (red != blue).sum() >= 8
+    val_cache = T.cache_split(val, image_col, label_col, 16, "validation")
+    assert len(val_cache) == 6 and val_cache.skipped == 0
+
+
+# ---------------------------------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture(scope="module")
+def trained(image_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert T.main(["--data-dir", str(image_folder), "--preset", "smoke", "--epochs", "2", "--output-dir", str(out),
+                   "--quiet"]) == 0
+    return out
+
+
+@all_exercises
+def test_main_smoke_writes_metrics_checkpoint_and_grid(trained):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    for key in ("final_train_loss", "final_train_accuracy", "val_accuracy", "per_class_accuracy",
+                "confusion_matrix", "train_images_per_second", "wall_seconds"):
+        assert key in metrics, key
+    assert metrics["skipped_files"] == 1
+    assert metrics["epochs"] == 2
+    assert sum(map(sum, metrics["confusion_matrix"])) == 6  # every validation image counted once
+    assert (trained / "vit_predictions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ckpt = torch.load(trained / "vit_cats_vs_dogs.pth", weights_only=True)
+    assert ckpt["class_names"] == ["cats", "dogs"]
+    model = T.VisionTransformer(T.ViTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    assert not list(trained.glob("*.tmp"))  # written atomically, no leftovers
+
+
+@all_exercises
+def test_predict_prints_probabilities_that_sum_to_one(trained, image_folder, capsys):
+    image = image_folder / "validation" / "dogs" / "dogs_0.jpg"
+    assert T.main(["--predict", str(image), "--checkpoint", str(trained / "vit_cats_vs_dogs.pth")]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(str(image))
+    probs = {w: float(p) for w, p in zip(line.split()[1::2], line.split()[2::2])}
+    assert set(probs) == {"cats", "dogs"} and abs(sum(probs.values()) - 1) < 2e-3
+
+
+@all_exercises
+def test_eval_only_reports_the_same_accuracy_as_metrics_json(trained, image_folder, capsys):
+    assert T.main(["--eval-only", "--checkpoint", str(trained / "vit_cats_vs_dogs.pth"), "--data-dir",
+                   str(image_folder)]) == 0
+    out = capsys.readouterr().out
+    assert "validation accuracy" in out and "confusion matrix" in out
+    best = json.loads((trained / "metrics.json").read_text())["best_val_accuracy"]
+    assert f"validation accuracy {best:.4f}" in out
+
+
+def bad_folders(root):
+    (root / "empty").mkdir()
+    (root / "flat" / "train").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "flat" / "train" / "a.png")
+    (root / "one" / "train" / "cats").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "one" / "train" / "cats" / "a.png")
+    return root
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data-dir", "{root}/missing"], "no such folder"),
+    (["--data-dir", "{root}/empty"], "expected a train/ folder"),
+    (["--data-dir", "{root}/flat"], "no class subfolders"),
+    (["--data-dir", "{root}/one"], "only one class"),
+    (["--predict", "x.jpg", "--checkpoint", "{root}/nothing.pth"], "not found"),
+    (["--eval-only", "--checkpoint", "{root}/nothing.pth", "--data-dir", "{root}/one"], "not found"),
+    (["--image-size", "30", "--patch-size", "8"], "not divisible by patch_size"),
+    (["--dim", "50", "--heads", "4"], "not divisible by n_heads"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--epochs", "many"], "invalid int value"),
+])
+def test_bad_input_exits_nonzero_with_one_line_and_no_traceback(argv, message, tmp_path, capsys):
+    bad_folders(tmp_path)
+    argv = [a.format(root=tmp_path) for a in argv] + ["--preset", "smoke", "--output-dir", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exit_info:
+        T.main(argv)
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert message in err and "Traceback" not in err
+
+
+def test_hub_dataset_unreachable_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # as in CI; never touches the network
+    with pytest.raises(SystemExit) as exit_info:
+        T.main(["--dataset", "course-test/no-such-dataset", "--preset", "smoke", "--output-dir", str(tmp_path)])
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--data-dir" in err and "Traceback" not in err
