@@ -396,6 +396,47 @@ class TrainConfig:
             raise UserError("give a --max-steps or a --time-budget (or both)")
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits (N, vocab) against targets (N,), a few rows at a time.
+
+    Same value and gradient as F.cross_entropy(logits.float(), targets), but the float32 copy of the
+    logits never exists whole: with GPT-2's 50k-token vocabulary it is the largest tensor of the step,
+    and on a CPU the passes over it cost more than the output matmul itself. Each chunk is converted,
+    used and dropped while it is still in cache, and its gradient, (softmax(logits) - onehot(target)) / N,
+    is written in the same pass, so backward only scales it.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+        n = logits.shape[0]
+        loss = logits.new_zeros((), dtype=torch.float32)
+        grad_logits = torch.empty_like(logits)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            x = logits[rows].float()
+            x = x - x.amax(dim=-1, keepdim=True)  # so exp cannot overflow; softmax is unchanged
+            row_index, tgt = torch.arange(x.shape[0]), targets[rows]
+            target_logit = x[row_index, tgt]
+            probs = x.exp_()
+            total = probs.sum(dim=-1, keepdim=True)
+            loss += (total.log()[:, 0] - target_logit).sum()  # -log softmax(x)[target]
+            probs /= total
+            probs[row_index, tgt] -= 1.0
+            grad_logits[rows] = probs / n
+        ctx.save_for_backward(grad_logits)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (grad_logits,) = ctx.saved_tensors
+        return grad_logits * grad, None, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The training loss: mean next-token cross-entropy over every position of the batch."""
+    return ChunkedCrossEntropy.apply(logits.flatten(0, 1), targets.flatten())
+
+
 def learning_rate(step: int, progress: float, cfg: TrainConfig) -> float:
     """Linear warmup over warmup_steps, then cosine decay from lr to min_lr as progress goes 0 -> 1."""
     if step < cfg.warmup_steps:
@@ -541,7 +582,7 @@ def train(model: Transformer, streams: dict, cfg: TrainConfig, device: torch.dev
                 inputs, targets = inputs.to(device), targets.to(device)
                 with autocast(device, bf16):
                     logits = model(inputs)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+                loss = cross_entropy(logits, targets)
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
             if not math.isfinite(loss_sum):

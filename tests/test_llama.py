@@ -223,6 +223,20 @@ def test_eval_windows_predict_every_token_exactly_once(streams):
     assert torch.equal(torch.cat([w[1:] for w in windows]), tokens[1:].long())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_matches_f_cross_entropy_value_and_gradient(dtype):
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 37, 500) * 6).to(dtype).requires_grad_()
+    targets = torch.randint(0, 500, (3, 37))
+    ours = llama.cross_entropy(logits, targets)
+    (ours_grad,) = torch.autograd.grad(ours * 3, logits)
+    ref = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    (ref_grad,) = torch.autograd.grad(ref * 3, logits)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert ours_grad.dtype == dtype
+    torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
     cfg = llama.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=100)
     assert llama.learning_rate(0, 0.0, cfg) == pytest.approx(0.1)

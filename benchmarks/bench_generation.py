@@ -1,0 +1,67 @@
+"""Greedy decoding speed: our KV cache vs recomputing the prefix vs Hugging Face's generate.
+
+All three run the same random weights of llama.py's default model (max_seq_len raised so 256 new tokens
+fit), batch 1, fp32, in one process, alternating, and the median of several repetitions is reported.
+
+    python benchmarks/bench_generation.py [--new-tokens 256] [--repeats 5]
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import llama  # noqa: E402
+import llama_generation as gen  # noqa: E402
+from hf_reference import to_hf_llama  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--prompt-tokens", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+
+    preset = llama.PRESETS["default"]
+    torch.manual_seed(0)
+    model = llama.Transformer(llama.ModelArgs(dim=preset["dim"], n_layers=preset["n_layers"],
+                                              n_heads=preset["n_heads"], n_kv_heads=preset["n_kv_heads"],
+                                              max_seq_len=args.prompt_tokens + args.new_tokens)).eval()
+    hf = to_hf_llama(model)
+    prompt = torch.randint(0, model.params.vocab_size, (1, args.prompt_tokens))
+
+    runners = {
+        "ours, KV cache": lambda: gen.generate_tokens(model, prompt, args.new_tokens, gen.pick_greedy)[0],
+        "ours, recompute prefix": lambda: gen.generate_tokens(model, prompt, args.new_tokens, gen.pick_greedy,
+                                                              use_cache=False)[0],
+        "HF generate, cache": lambda: hf.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                                  do_sample=False, eos_token_id=None, pad_token_id=0)[:, prompt.shape[1]:],
+    }
+    outputs = {name: run() for name, run in runners.items()}  # warm-up, and the same tokens from all three
+    same = all(torch.equal(o, outputs["HF generate, cache"]) for o in outputs.values())
+    times = {name: [] for name in runners}
+    with torch.inference_mode():
+        for _ in range(args.repeats):
+            for name, run in runners.items():
+                t0 = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - t0)
+
+    print(f"model: {model.num_params() / 1e6:.1f}M parameters (default preset), batch 1, fp32, "
+          f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats}; identical tokens: {same}")
+    hf_rate = args.new_tokens / statistics.median(times["HF generate, cache"])
+    for name, ts in times.items():
+        rate = args.new_tokens / statistics.median(ts)
+        print(f"{name:>24}: {rate:7.1f} tokens/s   {rate / hf_rate:5.2f}x HF")
+
+
+if __name__ == "__main__":
+    main()
