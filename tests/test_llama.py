@@ -234,7 +234,8 @@ def test_chunked_cross_entropy_matches_f_cross_entropy_value_and_gradient(dtype)
     (ref_grad,) = torch.autograd.grad(ref * 3, logits)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     assert ours_grad.dtype == dtype
-    torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-5, atol=1e-6)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-6)  # bf16: 8-bit mantissa
+    torch.testing.assert_close(ours_grad, ref_grad, **tol)
 
 
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
