@@ -3,7 +3,12 @@
     pytest                          # tests the solutions at the repository root
     pytest --impl exercises         # tests a student copy made by tools/make_exercises.py
     pytest -m rmsnorm               # only the tests of one exercise
+    pytest -m needs                 # the tests of whole models, which need several exercises done
     COURSE_IMPL=exercises pytest    # the same as --impl, for IDEs
+
+A test of one exercise alone is marked with its name (`@pytest.mark.rmsnorm`); a test that needs several
+(the whole model against Hugging Face's, say) is marked `@pytest.mark.needs("rmsnorm", "swiglu", ...)`, so
+`-m rmsnorm` runs exactly the tests that turn green when RMSNorm is right.
 
 Tests import the scripts by their plain names (`import llama`); the chosen folder is put first on
 sys.path before any test module is imported, so `llama_generation`'s own `from llama import ...`
@@ -52,7 +57,7 @@ def pytest_configure(config):
     config.course_impl = impl_dir
     for name, what in EXERCISES.items():
         config.addinivalue_line("markers", f"{name}: exercise '{name}' ({what})")
-    config.addinivalue_line("markers", "slow: trains on real data for a while")
+    config.addinivalue_line("markers", "needs(*names): a test of a whole model, green once all those exercises are")
     config._exercise_results = defaultdict(list)
 
 
@@ -61,12 +66,14 @@ def pytest_report_header(config):
 
 
 def pytest_runtest_logreport(report):
-    # Record each test's outcome under every exercise it is marked with.
+    # Record each test's outcome under the exercise it tests alone, or as a whole-model test.
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-        config = _CONFIG[0]
+        results = _CONFIG[0]._exercise_results
         for name in report.keywords:
             if name in EXERCISES:
-                config._exercise_results[name].append(report.outcome)
+                results[name].append(report.outcome)
+        if "needs" in report.keywords:
+            results["needs"].append(report.outcome)
 
 
 _CONFIG = []
@@ -83,10 +90,11 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     terminalreporter.section("exercises")
     for name, what in EXERCISES.items():
-        outcomes = results.get(name)
-        if not outcomes:
-            continue
-        done = all(o == "passed" for o in outcomes)
-        passed = sum(o == "passed" for o in outcomes)
-        status = "done" if done else "not yet"
-        terminalreporter.write_line(f"{status:>8}  {name:<21} {passed}/{len(outcomes)} tests  ({what})")
+        outcomes = [o for o in results.get(name, []) if o != "skipped"]
+        if outcomes:
+            passed = outcomes.count("passed")
+            status = "done" if passed == len(outcomes) else "not yet"
+            terminalreporter.write_line(f"{status:>8}  {name:<21} {passed:>2}/{len(outcomes):<2} tests  ({what})")
+    whole = [o for o in results.get("needs", []) if o != "skipped"]
+    if whole:
+        terminalreporter.write_line(f"whole-model tests (need several exercises): {whole.count('passed')}/{len(whole)} passed")

@@ -10,15 +10,7 @@ import llama
 import llama_generation as gen
 from hf_reference import to_hf_llama
 
-DAY2_MODEL = [pytest.mark.rmsnorm, pytest.mark.swiglu, pytest.mark.causal_mask]
-
-
-def with_marks(*marks):
-    def decorate(fn):
-        for mark in marks:
-            fn = mark(fn)
-        return fn
-    return decorate
+DAY2 = ("rmsnorm", "swiglu", "causal_mask")  # the model's exercises, needed by every test that runs it
 
 
 def random_logits(batch=4, vocab=200, scale=3.0, seed=0):
@@ -103,7 +95,7 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-@with_marks(pytest.mark.temperature_sampling, pytest.mark.top_k)
+@pytest.mark.needs("temperature_sampling", "top_k")
 def test_top_k_samples_always_lie_in_the_top_k_set():
     logits = random_logits(batch=512, vocab=50, scale=0.5)
     draws = gen.Sampler("top_k", temperature=1.5, top_k=5, generator=torch.Generator().manual_seed(0))(logits)
@@ -111,7 +103,7 @@ def test_top_k_samples_always_lie_in_the_top_k_set():
     assert bool((draws == top5).any(-1).all())
 
 
-@with_marks(pytest.mark.temperature_sampling, pytest.mark.top_p)
+@pytest.mark.needs("temperature_sampling", "top_p")
 def test_top_p_samples_always_lie_in_the_nucleus():
     logits = random_logits(batch=512, vocab=50, scale=2.0)
     draws = gen.Sampler("top_p", temperature=1.0, top_p=0.5, generator=torch.Generator().manual_seed(0))(logits)
@@ -146,7 +138,7 @@ def tiny_model(n_kv_heads=None, max_seq_len=48, vocab_size=101, seed=0):
     return model.eval()
 
 
-@with_marks(*DAY2_MODEL)
+@pytest.mark.needs(*DAY2)
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
 def test_greedy_generation_equals_hf_generate(n_kv_heads):
     model = tiny_model(n_kv_heads)
@@ -158,7 +150,7 @@ def test_greedy_generation_equals_hf_generate(n_kv_heads):
     assert ours.tolist() == theirs[:, prompt.shape[1]:].tolist()
 
 
-@with_marks(*DAY2_MODEL)
+@pytest.mark.needs(*DAY2)
 @pytest.mark.parametrize("n_kv_heads", [4, 1])
 def test_cached_decoding_gives_the_logits_of_recomputing_the_whole_sequence(n_kv_heads):
     model = tiny_model(n_kv_heads)
@@ -172,7 +164,7 @@ def test_cached_decoding_gives_the_logits_of_recomputing_the_whole_sequence(n_kv
     torch.testing.assert_close(torch.cat(step_logits, dim=1), full, rtol=1e-4, atol=1e-4)
 
 
-@with_marks(*DAY2_MODEL)
+@pytest.mark.needs(*DAY2)
 def test_generation_without_cache_picks_the_same_tokens():
     model = tiny_model()
     prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
@@ -181,7 +173,7 @@ def test_generation_without_cache_picks_the_same_tokens():
     assert torch.equal(with_cache, without)
 
 
-@with_marks(*DAY2_MODEL)
+@pytest.mark.needs(*DAY2)
 def test_generation_stops_at_eos_and_at_max_seq_len_and_says_which():
     model = tiny_model(max_seq_len=16)
     calls = {"n": 0}
@@ -218,7 +210,7 @@ def run_main(argv, capsys):
     return code, out, err
 
 
-@with_marks(*DAY2_MODEL, pytest.mark.temperature_sampling, pytest.mark.top_k, pytest.mark.top_p)
+@pytest.mark.needs(*DAY2, "temperature_sampling", "top_k", "top_p")
 def test_cli_prints_all_four_strategies_reproducibly(checkpoint, capsys):
     argv = ["--checkpoint", str(checkpoint[0]), "--max-new-tokens", "12", "--seed", "3"]
     code, out, err = run_main(argv, capsys)
@@ -230,7 +222,7 @@ def test_cli_prints_all_four_strategies_reproducibly(checkpoint, capsys):
     assert run_main(argv[:-1] + ["4"], capsys)[1] != out
 
 
-@with_marks(*DAY2_MODEL)
+@pytest.mark.needs(*DAY2)
 def test_cli_streamed_text_equals_the_greedy_continuation(checkpoint, tiny_tokenizer_dir, capsys):
     path, model = checkpoint
     tok = llama.load_tokenizer(tiny_tokenizer_dir)
@@ -240,7 +232,7 @@ def test_cli_streamed_text_equals_the_greedy_continuation(checkpoint, tiny_token
     assert code == 0 and out.splitlines()[1] == "The river" + expected.replace("\n", "")
 
 
-@with_marks(*DAY2_MODEL)
+@pytest.mark.needs(*DAY2)
 def test_bare_state_dict_loads_with_model_flags(checkpoint, tmp_path, capsys):
     path, model = checkpoint
     bare = tmp_path / "bare.pth"
@@ -254,7 +246,7 @@ def test_bare_state_dict_loads_with_model_flags(checkpoint, tmp_path, capsys):
     assert out == run_main(["--checkpoint", str(path), "--strategy", "greedy", "--max-new-tokens", "5"], capsys)[1]
 
 
-@with_marks(*DAY2_MODEL)
+@pytest.mark.needs(*DAY2)
 def test_empty_and_overlong_prompts_have_documented_behaviour(checkpoint, capsys):
     path, _ = checkpoint
     code, out, err = run_main(["--checkpoint", str(path), "--strategy", "greedy", "--prompt", "",
