@@ -1,7 +1,8 @@
 """Tests for transformer.py (Day 1), each against an independent truth named in the test's name:
 torch's nn.MultiheadAttention, torchvision's VisionTransformer and EncoderBlock, F.unfold, PIL, and the files the
 CLI must write. A tiny image folder is built in tmp_path, so no test needs the network or the course data.
-Each test is marked with the exercises it needs (`pytest -m attention`)."""
+A test of one exercise alone carries its name (`pytest -m attention`); whole-model tests carry
+`needs("patch_embedding", "attention", "encoder_block")`."""
 
 import json
 import math
@@ -14,13 +15,8 @@ from PIL import Image
 
 import transformer as T
 
-ALL_EXERCISES = [pytest.mark.patch_embedding, pytest.mark.attention, pytest.mark.encoder_block]
-
-
-def all_exercises(test):
-    for mark in ALL_EXERCISES:
-        test = mark(test)
-    return test
+# whole-model tests: green once all three Day 1 exercises are
+needs_all = pytest.mark.needs("patch_embedding", "attention", "encoder_block")
 
 
 def small_config(**overrides) -> T.ViTConfig:
@@ -92,17 +88,31 @@ def test_attention_rows_mix_values_like_explicit_softmax_formula():
     torch.testing.assert_close(attn(x)[0], expected, atol=1e-5, rtol=1e-5)
 
 
+class TorchSelfAttention(nn.Module):
+    """torch's nn.MultiheadAttention called as self-attention: stands in for ours, so the block test needs
+    only the encoder_block exercise."""
+
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.mha = mha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
 @pytest.mark.encoder_block
-@pytest.mark.attention
 def test_encoder_block_matches_torchvision_encoderblock():
     from torchvision.models.vision_transformer import EncoderBlock as TVBlock
 
     torch.manual_seed(0)
     ref = randomize_(TVBlock(num_heads=4, hidden_dim=48, mlp_dim=96, dropout=0.0, attention_dropout=0.0)).eval()
     ours = T.EncoderBlock(48, 4, 96).eval()
-    state = {k.replace("self_attention.in_proj_", "self_attention.qkv.").replace("out_proj", "proj")
-             .replace("mlp.0.", "mlp.fc1.").replace("mlp.3.", "mlp.fc2."): v for k, v in ref.state_dict().items()}
-    ours.load_state_dict(state)
+    with torch.no_grad():
+        for name in ("ln_1", "ln_2"):
+            getattr(ours, name).load_state_dict(getattr(ref, name).state_dict())
+        ours.mlp.fc1.load_state_dict(ref.mlp[0].state_dict())
+        ours.mlp.fc2.load_state_dict(ref.mlp[3].state_dict())
+    ours.self_attention = TorchSelfAttention(ref.self_attention)
     x = torch.randn(3, 17, 48)
     torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
 
@@ -110,7 +120,7 @@ def test_encoder_block_matches_torchvision_encoderblock():
 # ---------------------------------------------------------------------------------------------------- whole model
 
 
-@all_exercises
+@needs_all
 @pytest.mark.parametrize("batch", [1, 5])
 def test_model_matches_torchvision_visiontransformer(batch):
     torch.manual_seed(0)
@@ -132,7 +142,7 @@ def test_parameter_names_and_shapes_match_torchvision_one_to_one():
     assert ours == theirs
 
 
-@all_exercises
+@needs_all
 @pytest.mark.parametrize("batch", [1, 2, 7])
 def test_output_shape_is_batch_by_classes_for_batch_1_and_many(batch):
     c = small_config(image_size=24, patch_size=6, num_classes=3)
@@ -141,7 +151,7 @@ def test_output_shape_is_batch_by_classes_for_batch_1_and_many(batch):
     assert torch.isfinite(logits).all()
 
 
-@all_exercises
+@needs_all
 def test_every_parameter_receives_a_gradient():
     torch.manual_seed(0)
     model = T.VisionTransformer(small_config())
@@ -236,7 +246,7 @@ def trained(image_folder, tmp_path_factory):
     return out
 
 
-@all_exercises
+@needs_all
 def test_main_smoke_writes_metrics_checkpoint_and_grid(trained):
     metrics = json.loads((trained / "metrics.json").read_text())
     for key in ("final_train_loss", "final_train_accuracy", "val_accuracy", "per_class_accuracy",
@@ -253,7 +263,7 @@ def test_main_smoke_writes_metrics_checkpoint_and_grid(trained):
     assert not list(trained.glob("*.tmp"))  # written atomically, no leftovers
 
 
-@all_exercises
+@needs_all
 def test_predict_prints_probabilities_that_sum_to_one(trained, image_folder, capsys):
     image = image_folder / "validation" / "dogs" / "dogs_0.jpg"
     assert T.main(["--predict", str(image), "--checkpoint", str(trained / "vit_cats_vs_dogs.pth")]) == 0
@@ -263,7 +273,7 @@ def test_predict_prints_probabilities_that_sum_to_one(trained, image_folder, cap
     assert set(probs) == {"cats", "dogs"} and abs(sum(probs.values()) - 1) < 2e-3
 
 
-@all_exercises
+@needs_all
 def test_eval_only_reports_the_same_accuracy_as_metrics_json(trained, image_folder, capsys):
     assert T.main(["--eval-only", "--checkpoint", str(trained / "vit_cats_vs_dogs.pth"), "--data-dir",
                    str(image_folder)]) == 0
