@@ -617,8 +617,9 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
                 progress = step / steps_total
                 if budget_s:
                     progress = max(progress, (time.perf_counter() - t_train) / budget_s)
+                lr = lr_at(min(progress, 1.0), args.lr, args.warmup)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(min(progress, 1.0), args.lr, args.warmup)
+                    group["lr"] = lr
                 x, y = normalize(images.to(device)), labels.to(device)
                 target = y
                 if mix is not None and torch.rand((), generator=g).item() < args.mix_prob:

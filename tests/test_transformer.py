@@ -283,6 +283,24 @@ def test_eval_only_reports_the_same_accuracy_as_metrics_json(trained, image_fold
     assert f"validation accuracy {best:.4f}" in out
 
 
+@needs_all
+def test_ctrl_c_during_training_still_saves_checkpoint_and_report(image_folder, tmp_path, monkeypatch):
+    calls = []
+
+    def interrupt_on_third_step(*args, **kwargs):  # the LR schedule runs once per step: press Ctrl-C there
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return 1e-3
+
+    monkeypatch.setattr(T, "lr_at", interrupt_on_third_step)
+    assert T.main(["--data-dir", str(image_folder), "--preset", "smoke", "--epochs", "5", "--output-dir",
+                   str(tmp_path), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["interrupted"] is True and metrics["steps"] == 2
+    assert (tmp_path / "vit_cats_vs_dogs.pth").is_file() and (tmp_path / "vit_predictions.png").is_file()
+
+
 def bad_folders(root):
     (root / "empty").mkdir()
     (root / "flat" / "train").mkdir(parents=True)
