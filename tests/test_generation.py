@@ -8,6 +8,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 import llama
 import llama_generation as gen
+from helpers import call_main
 from hf_reference import to_hf_llama
 
 DAY2 = ("rmsnorm", "swiglu", "causal_mask")  # the model's exercises, needed by every test that runs it
@@ -202,12 +203,7 @@ def checkpoint(tmp_path_factory, tiny_tokenizer_dir):
 
 
 def run_main(argv, capsys):
-    try:
-        code = gen.main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return call_main(gen.main, argv, capsys)
 
 
 @pytest.mark.needs(*DAY2, "temperature_sampling", "top_k", "top_p")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import llama
+from helpers import call_main
 from hf_reference import to_hf_llama
 from llama import ModelArgs, Transformer
 
@@ -257,12 +258,7 @@ def test_evaluate_equals_mean_cross_entropy_over_the_split(streams):
 
 
 def run_main(argv, capsys):
-    try:
-        code = llama.main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return call_main(llama.main, argv, capsys)
 
 
 @pytest.fixture
