@@ -734,6 +734,8 @@ def run_eval_only(args, device, bf16) -> int:
 
 def run_training(args, device, bf16) -> int:
     tokenizer_name = args.tokenizer or "gpt2"
+    if Path(tokenizer_name).is_dir():  # recorded in the checkpoint: make it work from any folder
+        tokenizer_name = str(Path(tokenizer_name).resolve())
     tokenizer = load_tokenizer(tokenizer_name)
     cfg = TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                       min_lr=args.lr / 10, warmup_steps=args.warmup_steps, max_steps=args.max_steps,

@@ -267,6 +267,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args) -> int:
     if args.max_new_tokens < 1 or args.num_samples < 1:
         raise UserError("--max-new-tokens and --num-samples must be at least 1")
+    strategies = STRATEGIES if args.strategy == "all" else (args.strategy,)
+    for strategy in strategies:
+        Sampler(strategy, args.temperature, args.top_k, args.top_p)  # check the flags before loading anything
     device = pick_device(args.device)
     model, ckpt = load_model(args.checkpoint, device, args.n_heads, args.n_kv_heads, args.max_seq_len,
                              args.multiple_of)
@@ -274,9 +277,6 @@ def run(args) -> int:
     if len(tokenizer) > model.params.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model was trained with "
                         f"{model.params.vocab_size}; pass the --tokenizer it was trained with")
-    strategies = STRATEGIES if args.strategy == "all" else (args.strategy,)
-    for strategy in strategies:
-        Sampler(strategy, args.temperature, args.top_k, args.top_p)  # check the flags before any output
     for strategy in strategies:
         print(f"=== {strategy} ===")
         print(args.prompt, end="", flush=True)
