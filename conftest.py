@@ -58,34 +58,28 @@ def pytest_configure(config):
     for name, what in EXERCISES.items():
         config.addinivalue_line("markers", f"{name}: exercise '{name}' ({what})")
     config.addinivalue_line("markers", "needs(*names): a test of a whole model, green once all those exercises are")
-    config._exercise_results = defaultdict(list)
 
 
 def pytest_report_header(config):
     return f"course scripts under test: {config.course_impl}"
 
 
+# Outcomes of this run's tests: exercise name (or "needs") -> ["passed", "failed", ...].
+_RESULTS = defaultdict(list)
+
+
 def pytest_runtest_logreport(report):
     # Record each test's outcome under the exercise it tests alone, or as a whole-model test.
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-        results = _CONFIG[0]._exercise_results
         for name in report.keywords:
             if name in EXERCISES:
-                results[name].append(report.outcome)
+                _RESULTS[name].append(report.outcome)
         if "needs" in report.keywords:
-            results["needs"].append(report.outcome)
-
-
-_CONFIG = []
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_sessionstart(session):
-    _CONFIG.append(session.config)
+            _RESULTS["needs"].append(report.outcome)
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    results = config._exercise_results
+    results = _RESULTS
     if not results:
         return
     terminalreporter.section("exercises")
