@@ -150,6 +150,20 @@ class KVCache:
         shape = (batch_size, args.n_kv_heads, args.max_seq_len, args.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.output_t = None
+
+    def project(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """h @ weight.T: the output projection of the positions being decoded.
+
+        Each decoded token multiplies one row by the model's largest matrix (vocab x dim). In fp32 on a CPU,
+        PyTorch's kernel reads that matrix twice as fast laid out as (dim, vocab), so a copy in that layout
+        is made once per generation. In bf16 and on GPUs the usual layout is already the fast one.
+        """
+        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+            return F.linear(h, weight)
+        if self.output_t is None:
+            self.output_t = weight.detach().t().contiguous()
+        return h @ self.output_t
 
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (batch, n_kv_heads, seqlen, head_dim) at start_pos; return all keys and values so far."""
@@ -258,6 +272,8 @@ class Transformer(nn.Module):
         mask = causal_mask(seqlen, start_pos, tokens.device) if seqlen > 1 else None
         for layer in self.layers:
             h = layer(h, start_pos, freqs_cis, mask, cache)
+        if cache is not None:  # the same product as self.output, with the weight laid out for decoding
+            return cache.project(self.norm(h), self.output.weight)
         return self.output(self.norm(h))
 
     def num_params(self) -> int:
@@ -374,6 +390,7 @@ class TrainConfig:
     min_lr: float = 2e-4
     warmup_steps: int = 100
     weight_decay: float = 0.1
+    label_smoothing: float = 0.0
     grad_clip: float = 1.0
     max_steps: Optional[int] = None
     time_budget: Optional[float] = None  # minutes
@@ -386,6 +403,8 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise UserError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip <= 0:
             raise UserError("warmup steps and weight decay must be >= 0, the gradient clip > 0")
         if self.max_steps is not None and self.max_steps < 1:
@@ -399,16 +418,18 @@ class TrainConfig:
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of logits (N, vocab) against targets (N,), a few rows at a time.
 
-    Same value and gradient as F.cross_entropy(logits.float(), targets), but the float32 copy of the
-    logits never exists whole: with GPT-2's 50k-token vocabulary it is the largest tensor of the step,
-    and on a CPU the passes over it cost more than the output matmul itself. Each chunk is converted,
-    used and dropped while it is still in cache, and its gradient, (softmax(logits) - onehot(target)) / N,
+    Same value and gradient as F.cross_entropy(logits.float(), targets, label_smoothing=smoothing), but
+    the float32 copy of the logits never exists whole: with GPT-2's 50k-token vocabulary it is the largest
+    tensor of the step, and on a CPU the passes over it cost more than the output matmul itself. Each chunk
+    is converted, used and dropped while it is still in cache, and its gradient,
+    (softmax(logits) - smoothed onehot(target)) / N,
     is written in the same pass, so backward only scales it.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int = 32) -> torch.Tensor:
-        n = logits.shape[0]
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+        n, vocab = logits.shape
+        chunk = 32 if logits.device.type == "cpu" else 4096  # a CPU's cache, or few launches on a GPU
         loss = logits.new_zeros((), dtype=torch.float32)
         grad_logits = torch.empty_like(logits)
         for start in range(0, n, chunk):
@@ -417,11 +438,15 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             x = x - x.amax(dim=-1, keepdim=True)  # so exp cannot overflow; softmax is unchanged
             row_index, tgt = torch.arange(x.shape[0]), targets[rows]
             target_logit = x[row_index, tgt]
+            if smoothing:  # the target is (1 - s) * onehot + s * uniform
+                target_logit = (1 - smoothing) * target_logit + smoothing * x.mean(dim=-1)
             probs = x.exp_()
             total = probs.sum(dim=-1, keepdim=True)
-            loss += (total.log()[:, 0] - target_logit).sum()  # -log softmax(x)[target]
+            loss += (total.log()[:, 0] - target_logit).sum()  # -sum_v target_v * log softmax(x)_v
             probs /= total
-            probs[row_index, tgt] -= 1.0
+            if smoothing:
+                probs -= smoothing / vocab
+            probs[row_index, tgt] -= 1.0 - smoothing
             grad_logits[rows] = probs / n
         ctx.save_for_backward(grad_logits)
         return loss / n
@@ -432,9 +457,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_logits * grad, None, None
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The training loss: mean next-token cross-entropy over every position of the batch."""
-    return ChunkedCrossEntropy.apply(logits.flatten(0, 1), targets.flatten())
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """The training loss: mean next-token cross-entropy over every position of the batch, optionally against
+    targets smoothed towards the uniform distribution (Szegedy et al. 2016)."""
+    return ChunkedCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(), label_smoothing)
 
 
 def learning_rate(step: int, progress: float, cfg: TrainConfig) -> float:
@@ -582,7 +608,7 @@ def train(model: Transformer, streams: dict, cfg: TrainConfig, device: torch.dev
                 inputs, targets = inputs.to(device), targets.to(device)
                 with autocast(device, bf16):
                     logits = model(inputs)
-                loss = cross_entropy(logits, targets)
+                loss = cross_entropy(logits, targets, cfg.label_smoothing)
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
             if not math.isfinite(loss_sum):
@@ -619,16 +645,18 @@ def train(model: Transformer, streams: dict, cfg: TrainConfig, device: torch.dev
 # Each preset fills the flags that are not given. "default" is tuned for a 2-core laptop CPU in 15 minutes.
 PRESETS = {
     "smoke": dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=None, max_seq_len=32, dropout=0.0,
-                  batch_size=4, grad_accum=1, lr=3e-3, warmup_steps=1, max_steps=4, time_budget=None,
+                  batch_size=4, grad_accum=1, lr=3e-3, warmup_steps=1, weight_decay=0.1, label_smoothing=0.0, max_steps=4, time_budget=None,
                   eval_interval=2, sample_tokens=8),
     # On the 210k-token local stand-in, validation perplexity bottoms out after ~3-5 epochs whatever the size
     # or dropout (see the README's table): ~5 epochs in 1000 small, noisy steps with the cosine decay finished
     # by then beat spending the whole 15 minutes, which stays as a cap for slower machines.
     "default": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=None, max_seq_len=128, dropout=0.2,
-                    batch_size=8, grad_accum=1, lr=2e-3, warmup_steps=100, max_steps=1000, time_budget=15.0,
+                    batch_size=8, grad_accum=1, lr=2e-3, warmup_steps=100, weight_decay=0.1,
+                    label_smoothing=0.0, max_steps=1000, time_budget=15.0,
                     eval_interval=100, sample_tokens=40),
     "gpu": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=None, max_seq_len=512, dropout=0.1,
-                batch_size=32, grad_accum=1, lr=1e-3, warmup_steps=200, max_steps=None, time_budget=30.0,
+                batch_size=32, grad_accum=1, lr=1e-3, warmup_steps=200, weight_decay=0.1,
+                label_smoothing=0.0, max_steps=None, time_budget=30.0,
                 eval_interval=250, sample_tokens=60),
 }
 
@@ -686,6 +714,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     t.add_argument("--lr", type=float, help="peak learning rate")
     t.add_argument("--warmup-steps", type=int)
+    t.add_argument("--weight-decay", type=float, help="AdamW's decoupled weight decay on the matrices")
+    t.add_argument("--label-smoothing", type=float, help="share of each target spread over the vocabulary")
     t.add_argument("--max-steps", type=int)
     t.add_argument("--time-budget", type=float, metavar="MINUTES")
     t.add_argument("--eval-interval", type=int, help="validate every this many steps")
@@ -738,7 +768,8 @@ def run_training(args, device, bf16) -> int:
         tokenizer_name = str(Path(tokenizer_name).resolve())
     tokenizer = load_tokenizer(tokenizer_name)
     cfg = TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                      min_lr=args.lr / 10, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
+                      min_lr=args.lr / 10, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+                      label_smoothing=args.label_smoothing, max_steps=args.max_steps,
                       time_budget=args.time_budget, eval_interval=args.eval_interval, seed=args.seed)
     torch.manual_seed(args.seed)
     params = ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,

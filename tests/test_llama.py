@@ -217,14 +217,15 @@ def test_eval_windows_predict_every_token_exactly_once(streams):
     assert torch.equal(torch.cat([w[1:] for w in windows]), tokens[1:].long())
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_cross_entropy_matches_f_cross_entropy_value_and_gradient(dtype):
+def test_chunked_cross_entropy_matches_f_cross_entropy_value_and_gradient(dtype, smoothing):
     torch.manual_seed(0)
     logits = (torch.randn(3, 37, 500) * 6).to(dtype).requires_grad_()
     targets = torch.randint(0, 500, (3, 37))
-    ours = llama.cross_entropy(logits, targets)
+    ours = llama.cross_entropy(logits, targets, smoothing)
     (ours_grad,) = torch.autograd.grad(ours * 3, logits)
-    ref = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    ref = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), label_smoothing=smoothing)
     (ref_grad,) = torch.autograd.grad(ref * 3, logits)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     assert ours_grad.dtype == dtype
