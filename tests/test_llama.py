@@ -341,12 +341,33 @@ def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_reports(tmp_path, dat
     (["--lr", "-1"], "lr"),
     (["--batch-size", "0"], "--batch-size"),
     (["--time-budget", "0"], "--time-budget"),
+    (["--label-smoothing", "1"], "--label-smoothing"),
+    (["--weight-decay", "-0.1"], "weight decay"),
 ])
 def test_invalid_flags_end_with_one_clear_line(extra, message, tmp_path, data_flags, capsys):
     code, out, err = run_main(["--preset", "smoke", *data_flags, "--checkpoint", str(tmp_path / "c.pth"),
                                *extra], capsys)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+def test_training_flags_reach_the_loss_and_the_optimizer(tmp_path, data_flags, capsys, monkeypatch):
+    seen = {}
+    real_loss, real_optimizer = llama.cross_entropy, llama.configure_optimizer
+
+    def spy_loss(logits, targets, label_smoothing=0.0):
+        seen["smoothing"] = label_smoothing
+        return real_loss(logits, targets, label_smoothing)
+
+    def spy_optimizer(model, cfg):
+        seen["weight_decay"] = cfg.weight_decay
+        return real_optimizer(model, cfg)
+
+    monkeypatch.setattr(llama, "cross_entropy", spy_loss)
+    monkeypatch.setattr(llama, "configure_optimizer", spy_optimizer)
+    code, _, _ = run_main(["--preset", "smoke", *data_flags, "--checkpoint", str(tmp_path / "c.pth"), "--output-dir",
+                           str(tmp_path), "--label-smoothing", "0.3", "--weight-decay", "0.7"], capsys)
+    assert code == 0 and seen == {"smoothing": 0.3, "weight_decay": 0.7}
 
 
 def test_missing_or_empty_data_files_are_reported(tmp_path, tiny_tokenizer_dir, capsys):

@@ -242,7 +242,7 @@ def test_image_folder_loads_via_datasets_and_skips_the_corrupt_file(image_folder
 def trained(image_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     assert T.main(["--data-dir", str(image_folder), "--preset", "smoke", "--epochs", "2", "--output-dir", str(out),
-                   "--quiet"]) == 0
+                   "--mixup", "0.8", "--cutmix", "1.0", "--mix-prob", "1.0", "--quiet"]) == 0  # the default's mixing
     return out
 
 
