@@ -57,6 +57,12 @@ def main(argv=None):
                 run()
                 times[name].append(time.perf_counter() - t0)
 
+    weight = model.output.weight.detach()
+    row, weight_t = torch.randn(1, weight.shape[1], dtype=weight.dtype), weight.t().contiguous()
+    layouts = {"as nn.Linear stores it (vocab, dim)": lambda: torch.nn.functional.linear(row, weight),
+               "transposed copy (dim, vocab)": lambda: row @ weight_t}
+    layout_ms = {name: 1e3 * statistics.median(_timed(fn) for _ in range(50)) for name, fn in layouts.items()}
+
     print(f"model: {model.num_params() / 1e6:.1f}M parameters (default preset), batch 1, {args.dtype}, "
           f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, {torch.get_num_threads()} threads, "
           f"median of {args.repeats}; identical tokens: {same}")
@@ -64,6 +70,16 @@ def main(argv=None):
     for name, ts in times.items():
         rate = args.new_tokens / statistics.median(ts)
         print(f"{name:>24}: {rate:7.1f} tokens/s   {rate / hf_rate:5.2f}x HF")
+    print(f"one token's output projection ({tuple(weight.shape)} matrix), median of 50:")
+    for name, ms in layout_ms.items():
+        print(f"{name:>36}: {ms:.2f} ms")
+
+
+def _timed(fn) -> float:
+    fn()  # the first call may allocate; time the second
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":
