@@ -819,6 +819,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except KeyboardInterrupt:  # outside the training loop (which saves and reports on its own)
+        print(f"interrupted; the best checkpoint saved so far, if any, is {args.checkpoint}", file=sys.stderr)
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

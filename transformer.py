@@ -864,6 +864,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"transformer.py: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # outside the training loop (which saves and reports on its own)
+        print("transformer.py: interrupted; checkpoints already saved are kept", file=sys.stderr)
+        raise SystemExit(130) from None
     return 0
 
 

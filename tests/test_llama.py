@@ -370,6 +370,24 @@ def test_training_flags_reach_the_loss_and_the_optimizer(tmp_path, data_flags, c
     assert code == 0 and seen == {"smoothing": 0.3, "weight_decay": 0.7}
 
 
+def test_ctrl_c_after_training_keeps_the_checkpoint_and_exits_130(tmp_path, data_flags, capsys, monkeypatch):
+    calls, real_evaluate = [], llama.evaluate
+
+    def interrupt_the_test_split(*args, **kwargs):  # smoke: validation at steps 2 and 4, then the test split
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(llama, "evaluate", interrupt_the_test_split)
+    ckpt = tmp_path / "c.pth"
+    code, _, err = run_main(["--preset", "smoke", *data_flags, "--checkpoint", str(ckpt), "--output-dir",
+                             str(tmp_path)], capsys)
+    assert code == 130 and len(calls) == 3
+    assert "interrupted" in err.strip().splitlines()[-1] and "Traceback" not in err  # after the progress bars
+    llama.load_checkpoint(str(ckpt))  # the best validation checkpoint is whole
+
+
 def test_missing_or_empty_data_files_are_reported(tmp_path, tiny_tokenizer_dir, capsys):
     (tmp_path / "wiki.train.raw").write_text("some text\n")
     code, _, err = run_main(["--preset", "smoke", "--data-dir", str(tmp_path), "--tokenizer", tiny_tokenizer_dir],

@@ -284,6 +284,26 @@ def test_eval_only_reports_the_same_accuracy_as_metrics_json(trained, image_fold
 
 
 @needs_all
+def test_ctrl_c_in_the_final_evaluation_keeps_the_checkpoint_and_exits_130(image_folder, tmp_path, monkeypatch,
+                                                                          capsys):
+    calls, real_evaluate = [], T.evaluate
+
+    def interrupt_the_final_evaluation(*args, **kwargs):  # one epoch: its validation, then the final one
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(T, "evaluate", interrupt_the_final_evaluation)
+    with pytest.raises(SystemExit) as exit_info:
+        T.main(["--data-dir", str(image_folder), "--preset", "smoke", "--output-dir", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 130 and len(calls) == 2
+    assert "interrupted" in err.strip().splitlines()[-1] and "Traceback" not in err  # after the progress bars
+    assert torch.load(tmp_path / "vit_cats_vs_dogs.pth", weights_only=True)["class_names"] == ["cats", "dogs"]
+
+
+@needs_all
 def test_ctrl_c_during_training_still_saves_checkpoint_and_report(image_folder, tmp_path, monkeypatch):
     calls = []
 
