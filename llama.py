@@ -150,7 +150,24 @@ class KVCache:
         shape = (batch_size, args.n_kv_heads, args.max_seq_len, args.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.pad = None  # (batch, max_seq_len) bool, True at the left padding of shorter prompts
         self.output_t = None
+
+    def pad_left(self, n_pad: torch.Tensor) -> None:
+        """Prompts of different lengths share a batch by padding each on the left; row i has n_pad[i] pads.
+
+        No real token attends to a pad. Rotary embeddings depend only on the distance between two positions,
+        so a row shifted right by its padding gets the same attention scores as it would alone.
+        """
+        positions = torch.arange(self.k[0].shape[2], device=n_pad.device)
+        self.pad = positions[None, :] < n_pad[:, None]
+
+    def padding_mask(self, mask: Optional[torch.Tensor], start_pos: int, seqlen: int) -> torch.Tensor:
+        """The (seqlen, keys) mask, or None for one new token, as (batch, 1, seqlen, keys) with the pads hidden
+        from real tokens. Pads still see pads, so no row of the softmax is empty."""
+        end = start_pos + seqlen
+        allowed = ~self.pad[:, None, None, :end] | self.pad[:, None, start_pos:end, None]
+        return allowed if mask is None else allowed & mask
 
     def project(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """h @ weight.T: the output projection of the positions being decoded.
@@ -270,6 +287,8 @@ class Transformer(nn.Module):
         freqs_cis = self.freqs_cis[start_pos:start_pos + seqlen]
         # One new token may attend to everything cached before it: no mask needed.
         mask = causal_mask(seqlen, start_pos, tokens.device) if seqlen > 1 else None
+        if cache is not None and cache.pad is not None:
+            mask = cache.padding_mask(mask, start_pos, seqlen)
         for layer in self.layers:
             h = layer(h, start_pos, freqs_cis, mask, cache)
         if cache is not None:  # the same product as self.output, with the weight laid out for decoding

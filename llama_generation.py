@@ -118,22 +118,34 @@ class Sampler:
 @torch.no_grad()
 def generate_tokens(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
                     pick_next: Callable[[torch.Tensor], torch.Tensor], eos_id: Optional[int] = None,
-                    use_cache: bool = True, on_token: Optional[Callable[[torch.Tensor], None]] = None):
+                    use_cache: bool = True, on_token: Optional[Callable[[torch.Tensor], None]] = None,
+                    n_pad: Optional[torch.Tensor] = None):
     """Extend prompt (batch, T) by up to max_new_tokens tokens; returns (new tokens (batch, n), stop reason).
 
     With the cache, the prompt is run once ("prefill") and then each step feeds only the newest token at
     position start_pos; without it, each step reruns the whole sequence. Stops when every row has produced
     eos_id ("eos"), at the model's max_seq_len ("max_seq_len"), or after max_new_tokens ("max_new_tokens").
-    Rows that finished early are padded with eos_id.
+    Rows that finished early are padded with eos_id. n_pad[i], if given, is how many tokens of row i are
+    left padding (see pad_prompts); the model never attends to them.
     """
     model.eval()
     batch, start = prompt.shape
     max_len = model.params.max_seq_len
     if start >= max_len:
         raise UserError(f"the prompt has {start} tokens; the model's max_seq_len is {max_len}")
-    cache = KVCache(model.params, batch, prompt.device, model.output.weight.dtype) if use_cache else None
+
+    def new_cache():
+        cache = KVCache(model.params, batch, prompt.device, model.output.weight.dtype)
+        if n_pad is not None:
+            cache.pad_left(n_pad)
+        return cache
+
+    def whole(tokens):  # recompute every position; a throwaway cache carries the padding mask
+        return model(tokens, 0, new_cache()) if n_pad is not None else model(tokens)
+
+    cache = new_cache() if use_cache else None
     tokens = prompt
-    logits = model(prompt, 0, cache)[:, -1]
+    logits = (model(prompt, 0, cache) if use_cache else whole(prompt))[:, -1]
     finished = torch.zeros(batch, 1, dtype=torch.bool, device=prompt.device)
     reason = "max_new_tokens"
     for _ in range(max_new_tokens):
@@ -150,8 +162,17 @@ def generate_tokens(model: Transformer, prompt: torch.Tensor, max_new_tokens: in
         if tokens.shape[1] >= max_len:
             reason = "max_seq_len"
             break
-        logits = model(nxt, tokens.shape[1] - 1, cache)[:, -1] if use_cache else model(tokens)[:, -1]
+        logits = model(nxt, tokens.shape[1] - 1, cache)[:, -1] if use_cache else whole(tokens)[:, -1]
     return tokens[:, start:], reason
+
+
+def pad_prompts(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Token lists of different lengths as one (batch, longest) tensor, padded on the left so that every row
+    ends where generation starts; returns it and each row's pad count (None when no row needs padding)."""
+    longest = max(len(r) for r in rows)
+    n_pad = torch.tensor([longest - len(r) for r in rows], device=device)
+    tokens = torch.tensor([[pad_id] * (longest - len(r)) + r for r in rows], device=device)
+    return tokens, (n_pad if bool(n_pad.any()) else None)
 
 
 def encode_prompt(tokenizer, prompt: str, max_seq_len: int) -> list[int]:
@@ -169,19 +190,22 @@ def encode_prompt(tokenizer, prompt: str, max_seq_len: int) -> list[int]:
     return ids
 
 
-def generate(model: Transformer, tokenizer, prompt: str, device, max_length: int = 50, strategy: str = "greedy",
+def generate(model: Transformer, tokenizer, prompt, device, max_length: int = 50, strategy: str = "greedy",
              temperature: float = 1.0, top_k: int = 50, top_p: float = 0.9, seed: Optional[int] = None,
              num_samples: int = 1, stream: Optional[Callable[[str], None]] = None) -> tuple[list[str], str]:
-    """Continue `prompt` by up to max_length new tokens; returns (continuations, stop reason).
+    """Continue `prompt` (a string, or a list of them decoded as one batch) by up to max_length new tokens;
+    returns (continuations, stop reason), num_samples per prompt, the first prompt's first.
 
-    stream, if given, receives each new piece of text as it is decoded (first sample only).
+    stream, if given, receives each new piece of text as it is decoded (first continuation only).
     """
     generator = torch.Generator(device=device)
     if seed is not None:
         generator.manual_seed(seed)
     sampler = Sampler(strategy, temperature, top_k, top_p, generator)
-    ids = encode_prompt(tokenizer, prompt, model.params.max_seq_len)
-    prompt_ids = torch.tensor([ids] * num_samples, device=device)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    rows = [encode_prompt(tokenizer, p, model.params.max_seq_len) for p in prompts for _ in range(num_samples)]
+    pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0  # never attended to
+    prompt_ids, n_pad = pad_prompts(rows, pad_id, device)
     shown, pieces = [0], []
 
     def on_token(nxt):
@@ -192,7 +216,8 @@ def generate(model: Transformer, tokenizer, prompt: str, device, max_length: int
                 stream(text[shown[0]:])
                 shown[0] = len(text)
 
-    new, reason = generate_tokens(model, prompt_ids, max_length, sampler, tokenizer.eos_token_id, on_token=on_token)
+    new, reason = generate_tokens(model, prompt_ids, max_length, sampler, tokenizer.eos_token_id, on_token=on_token,
+                                  n_pad=n_pad)
     texts = [tokenizer.decode([t for t in row if t != tokenizer.eos_token_id]) for row in new.tolist()]
     return texts, reason
 
@@ -246,7 +271,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=CHECKPOINT, help="written by llama.py")
     p.add_argument("--tokenizer", help="Hub name or local folder (default: the one recorded in the checkpoint)")
-    p.add_argument("--prompt", default="In a world where")
+    p.add_argument("--prompt", nargs="+", default=["In a world where"],
+                   help="one or more prompts, decoded together as one batch")
     p.add_argument("--strategy", choices=STRATEGIES + ("all",), default="all",
                    help="'all' prints one continuation per strategy")
     p.add_argument("--max-new-tokens", type=int, default=60)
@@ -279,13 +305,15 @@ def run(args) -> int:
                         f"{model.params.vocab_size}; pass the --tokenizer it was trained with")
     for strategy in strategies:
         print(f"=== {strategy} ===")
-        print(args.prompt, end="", flush=True)
+        print(args.prompt[0], end="", flush=True)
         stream = lambda piece: print(piece, end="", flush=True)  # noqa: E731
         texts, reason = generate(model, tokenizer, args.prompt, device, args.max_new_tokens, strategy,
                                  args.temperature, args.top_k, args.top_p, args.seed, args.num_samples, stream)
         print()
-        for i, text in enumerate(texts[1:], start=2):
-            print(f"--- sample {i} ---\n{args.prompt}{text}")
+        for i, text in enumerate(texts[1:], start=1):  # the rest of the batch, after the streamed first
+            prompt_index, sample = divmod(i, args.num_samples)
+            label = f"sample {sample + 1}" + (f" of prompt {prompt_index + 1}" if len(args.prompt) > 1 else "")
+            print(f"--- {label} ---\n{args.prompt[prompt_index]}{text}")
         print(f"[stopped: {reason}]\n")
     return 0
 

@@ -166,6 +166,42 @@ def test_cached_decoding_gives_the_logits_of_recomputing_the_whole_sequence(n_kv
 
 
 @pytest.mark.needs(*DAY2)
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_prompts_of_different_lengths_batched_give_what_each_gives_alone(use_cache):
+    model = tiny_model(1)
+    rows = [[5, 17, 42], [8, 99, 3, 61, 7, 12, 30], [44]]
+    tokens, n_pad = gen.pad_prompts(rows, pad_id=0)
+    assert n_pad.tolist() == [4, 0, 6] and tokens[0].tolist() == [0, 0, 0, 0, 5, 17, 42]
+    batched, _ = gen.generate_tokens(model, tokens, 20, gen.pick_greedy, use_cache=use_cache, n_pad=n_pad)
+    for row, new in zip(rows, batched):
+        alone, _ = gen.generate_tokens(model, torch.tensor([row]), 20, gen.pick_greedy)
+        assert new.tolist() == alone[0].tolist()
+    with torch.no_grad():  # the scores themselves, not only the argmax: last position of the prefill
+        cache = llama.KVCache(model.params, 3)
+        cache.pad_left(n_pad)
+        last = model(tokens, 0, cache)[:, -1]
+        for i, row in enumerate(rows):
+            torch.testing.assert_close(last[i], model(torch.tensor([row]))[0, -1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.needs(*DAY2)
+def test_left_padded_batch_equals_hf_generate_with_an_attention_mask():
+    model = tiny_model(2)
+    hf = to_hf_llama(model)
+    tokens, n_pad = gen.pad_prompts([[5, 17, 42], [8, 99, 3, 61, 7]], pad_id=0)
+    ours, _ = gen.generate_tokens(model, tokens, 25, gen.pick_greedy, n_pad=n_pad)
+    attention_mask = (torch.arange(tokens.shape[1])[None, :] >= n_pad[:, None]).long()
+    theirs = hf.generate(tokens, attention_mask=attention_mask, max_new_tokens=25, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    assert ours.tolist() == theirs[:, tokens.shape[1]:].tolist()
+
+
+def test_pad_prompts_needs_no_mask_for_equal_lengths():
+    tokens, n_pad = gen.pad_prompts([[1, 2], [3, 4]], pad_id=0)
+    assert tokens.tolist() == [[1, 2], [3, 4]] and n_pad is None
+
+
+@pytest.mark.needs(*DAY2)
 def test_generation_without_cache_picks_the_same_tokens():
     model = tiny_model()
     prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
@@ -226,6 +262,20 @@ def test_cli_streamed_text_equals_the_greedy_continuation(checkpoint, tiny_token
     code, out, _ = run_main(["--checkpoint", str(path), "--strategy", "greedy", "--prompt", "The river",
                              "--max-new-tokens", "10"], capsys)
     assert code == 0 and out.splitlines()[1] == "The river" + expected.replace("\n", "")
+
+
+@pytest.mark.needs(*DAY2)
+def test_cli_decodes_several_prompts_as_one_batch_each_as_if_alone(checkpoint, tiny_tokenizer_dir, capsys):
+    path, model = checkpoint
+    tok = llama.load_tokenizer(tiny_tokenizer_dir)
+    prompts = ["The river", "A long and winding road goes on and"]
+    code, out, err = run_main(["--checkpoint", str(path), "--strategy", "greedy", "--max-new-tokens", "10",
+                               "--prompt", *prompts], capsys)
+    assert code == 0, err
+    second = out.split("--- sample 1 of prompt 2 ---\n")[1].split("\n[stopped:")[0]
+    assert second == prompts[1] + gen.generate_text_greedy(model, tok, prompts[1], "cpu", max_length=10)
+    assert out.splitlines()[1] == prompts[0] + gen.generate_text_greedy(model, tok, prompts[0], "cpu",
+                                                                        max_length=10).replace("\n", "")
 
 
 @pytest.mark.needs(*DAY2)
