@@ -16,6 +16,7 @@ Run it:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -28,6 +29,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from trainkit import PRECISIONS, Precision, choose_precision
 
 CHECKPOINT = "llama_wikitext_trained.pth"
 SAMPLE_PROMPTS = ["In a world where", "The history of the city", "She was born in"]
@@ -450,7 +453,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         n, vocab = logits.shape
         chunk = 32 if logits.device.type == "cpu" else 4096  # a CPU's cache, or few launches on a GPU
         loss = logits.new_zeros((), dtype=torch.float32)
-        grad_logits = torch.empty_like(logits)
+        # The gradient is kept in the logits' dtype, except fp16: entries of softmax / N fall below fp16's
+        # smallest number (6e-8) and would be lost before backward could apply the loss scale to them.
+        grad_dtype = torch.float32 if logits.dtype == torch.float16 else logits.dtype
+        grad_logits = torch.empty_like(logits, dtype=grad_dtype)
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
             x = logits[rows].float()  # a view if the logits are float32 already
@@ -470,13 +476,15 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             if p.dtype != grad_logits.dtype:
                 grad_logits[rows] = p
         ctx.save_for_backward(grad_logits)
+        ctx.logits_dtype = logits.dtype
         return loss / n
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (grad_logits,) = ctx.saved_tensors
         # Backward runs once per forward (retain_graph is not supported), so scale in place: no extra pass.
-        return grad_logits.mul_(grad), None, None
+        # `grad` carries the fp16 loss scale, applied here before the cast back to fp16.
+        return grad_logits.mul_(grad).to(ctx.logits_dtype), None, None
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -500,13 +508,9 @@ def configure_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
 @torch.no_grad()
-def evaluate(model: Transformer, tokens: torch.Tensor, device: torch.device, bf16: bool = False,
-             batch_size: int = 16) -> float:
+def evaluate(model: Transformer, tokens: torch.Tensor, device: torch.device,
+             precision: Optional[Precision] = None, batch_size: int = 16) -> float:
     """Mean negative log-likelihood per token of a whole split; perplexity is its exp."""
     was_training = model.training
     model.eval()
@@ -517,7 +521,7 @@ def evaluate(model: Transformer, tokens: torch.Tensor, device: torch.device, bf1
     total, count = 0.0, 0
     for batch in groups:
         batch = batch.to(device)
-        with autocast(device, bf16):
+        with precision.autocast() if precision else contextlib.nullcontext():
             logits = model(batch[:, :-1])
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
         total, count = total + loss.item(), count + batch[:, 1:].numel()
@@ -585,7 +589,7 @@ def load_checkpoint(path: str, device="cpu") -> tuple[Transformer, dict]:
     return build_model(ckpt["model_args"], ckpt["model"], path).to(device), ckpt
 
 
-def train(model: Transformer, streams: dict, cfg: TrainConfig, device: torch.device, bf16: bool,
+def train(model: Transformer, streams: dict, cfg: TrainConfig, device: torch.device, precision: Precision,
           on_best=None) -> dict:
     """Train until max_steps or the time budget, validating every eval_interval steps.
 
@@ -597,12 +601,13 @@ def train(model: Transformer, streams: dict, cfg: TrainConfig, device: torch.dev
     generator = torch.Generator().manual_seed(cfg.seed)
     batches = train_batches(streams["train"], model.params.max_seq_len, cfg.batch_size, generator)
     optimizer = configure_optimizer(model, cfg)
+    scaler = precision.grad_scaler()  # fp16 only: loss scaling; for fp32 and bf16 it passes calls through
     model.train()
     log = {"status": "completed", "steps": 0, "tokens_seen": 0, "train_time_s": 0.0, "best_val_loss": math.inf,
            "best_step": 0, "recent_losses": [], "val_history": []}
 
     def validate(step):
-        val = evaluate(model, streams["validation"], device, bf16)
+        val = evaluate(model, streams["validation"], device, precision)
         log["val_history"].append((step, val))
         tqdm.write(f"step {step}: validation loss {val:.3f}, perplexity {math.exp(val):.1f}")
         if val < log["best_val_loss"]:
@@ -628,17 +633,19 @@ def train(model: Transformer, streams: dict, cfg: TrainConfig, device: torch.dev
             for _ in range(cfg.grad_accum):
                 inputs, targets = next(batches)
                 inputs, targets = inputs.to(device), targets.to(device)
-                with autocast(device, bf16):
+                with precision.autocast():
                     logits = model(inputs)
                 loss = cross_entropy(logits, targets, cfg.label_smoothing)
-                (loss / cfg.grad_accum).backward()
+                scaler.scale(loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
             if not math.isfinite(loss_sum):
                 log["status"] = "nan"
                 tqdm.write(f"step {step}: the loss is {loss_sum}; stopping (the last good checkpoint is kept)")
                 break
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)  # fp16: skipped when a gradient overflowed (the scale then shrinks)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             log["train_time_s"] += time.perf_counter() - t0
@@ -698,21 +705,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def cpu_has_bf16() -> bool:
-    """True on CPUs with native bf16 dot products (AVX512-BF16 or AMX), where bf16 matmuls run several times faster."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def use_bf16(dtype: str, device: torch.device) -> bool:
-    if dtype != "auto":
-        return dtype == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_bf16()
+def pick_precision(flag: str, device: torch.device, params: ModelArgs, batch_size: int) -> Precision:
+    """--precision on this device, printed; auto times a matmul shaped like the model's (a batch of tokens
+    through the feed-forward's first layer), see trainkit.choose_precision."""
+    tokens = min(batch_size * params.max_seq_len, 2048)
+    precision = choose_precision(flag, device, (tokens, params.dim, params.hidden_dim))
+    print(precision.describe())
+    return precision
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -744,8 +743,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--eval-interval", type=int, help="validate every this many steps")
     t.add_argument("--seed", type=int, default=1337)
     t.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
-    t.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
+    t.add_argument("--precision", "--dtype", choices=PRECISIONS, default="auto",
+                   help="autocast precision. auto: on CUDA bf16 from compute capability 8.0, fp16 with loss "
+                        "scaling on 7.x; on a CPU whichever of fp32 and bf16 measures faster; fp32 on MPS")
     o = p.add_argument_group("output")
     o.add_argument("--checkpoint", default=CHECKPOINT, help="where the trained model is saved (or read)")
     o.add_argument("--output-dir", default="runs/llama", help="where metrics.json is written")
@@ -770,22 +770,23 @@ def report(metrics: dict, path: Path) -> None:
     print(f"\nmetrics written to {path}")
 
 
-def run_eval_only(args, device, bf16) -> int:
+def run_eval_only(args, device) -> int:
     model, ckpt = load_checkpoint(args.checkpoint, device)
+    precision = pick_precision(args.precision, device, model.params, 16)
     tokenizer = load_tokenizer(args.tokenizer or ckpt.get("tokenizer") or "gpt2")
     if len(tokenizer) > model.params.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the checkpoint's model only "
                         f"{model.params.vocab_size}; pass the --tokenizer it was trained with")
     raw = load_wikitext(args.data_dir, args.dataset, args.dataset_config)
     tokens = tokenize_splits(raw, tokenizer)[args.split]
-    loss = evaluate(model, tokens, device, bf16)
+    loss = evaluate(model, tokens, device, precision)
     report({"checkpoint": args.checkpoint, "split": args.split, "tokens": len(tokens) - 1,
             f"{args.split}_loss": loss, f"{args.split}_perplexity": math.exp(loss)},
            Path(args.output_dir) / f"eval_{args.split}.json")
     return 0
 
 
-def run_training(args, device, bf16) -> int:
+def run_training(args, device) -> int:
     tokenizer_name = args.tokenizer or "gpt2"
     if Path(tokenizer_name).is_dir():  # recorded in the checkpoint: make it work from any folder
         tokenizer_name = str(Path(tokenizer_name).resolve())
@@ -801,27 +802,28 @@ def run_training(args, device, bf16) -> int:
     streams = tokenize_splits(load_wikitext(args.data_dir, args.dataset, args.dataset_config), tokenizer)
     data_time = time.perf_counter() - t0
     model = Transformer(params).to(device)
-    print(f"device {device}, {'bf16 autocast' if bf16 else 'fp32'}; {model.num_params() / 1e6:.1f}M parameters; "
+    precision = pick_precision(args.precision, device, params, cfg.batch_size)
+    print(f"device {device}, {precision.name}; {model.num_params() / 1e6:.1f}M parameters; "
           f"tokens: " + ", ".join(f"{k} {len(v)}" for k, v in streams.items()) + f" (loaded in {data_time:.1f}s)")
 
     def on_best(m, val_loss):
         save_checkpoint(args.checkpoint, m, tokenizer_name, val_loss=val_loss)
 
-    log = train(model, streams, cfg, device, bf16, on_best)
+    log = train(model, streams, cfg, device, precision, on_best)
     metrics = {"status": log["status"], "steps": log["steps"],
                "final_train_loss": sum(log["recent_losses"]) / max(len(log["recent_losses"]), 1)}
     if Path(args.checkpoint).is_file() and log["val_history"]:
         model, _ = load_checkpoint(args.checkpoint, device)  # the best validation checkpoint
         metrics.update(best_step=log["best_step"], val_loss=log["best_val_loss"],
                        val_perplexity=math.exp(log["best_val_loss"]))
-        test_loss = evaluate(model, streams["test"], device, bf16)
+        test_loss = evaluate(model, streams["test"], device, precision)
         metrics.update(test_loss=test_loss, test_perplexity=math.exp(test_loss))
         metrics["samples"] = [sample(model, tokenizer, p, device, args.sample_tokens, seed=args.seed)
                               for p in SAMPLE_PROMPTS]
     metrics.update(parameters=model.num_params(), tokens_seen=log["tokens_seen"],
                    tokens_per_s=log["tokens_seen"] / max(log["train_time_s"], 1e-9),
                    wall_time_s=log["wall_time_s"], data_time_s=data_time, device=str(device),
-                   dtype="bf16" if bf16 else "fp32", checkpoint=args.checkpoint)
+                   precision=precision.name, precision_reason=precision.reason, checkpoint=args.checkpoint)
     report(metrics, Path(args.output_dir) / "metrics.json")
     if log["status"] == "nan":
         print("error: training diverged (loss is NaN or infinite); try a lower --lr", file=sys.stderr)
@@ -833,8 +835,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         device = pick_device(args.device)
-        bf16 = use_bf16(args.dtype, device)
-        return run_eval_only(args, device, bf16) if args.eval_only else run_training(args, device, bf16)
+        return run_eval_only(args, device) if args.eval_only else run_training(args, device)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -15,6 +15,7 @@ The architecture is the one of "An Image is Worth 16x16 Words" (Dosovitskiy et a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -28,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from trainkit import PRECISIONS, Precision, choose_precision
 
 # --------------------------------------------------------------------------------------------------------------
 # Config
@@ -439,25 +442,11 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def cpu_has_fast_bf16() -> bool:
-    """bf16 pays on CPUs with native bf16 dot products (AVX512-BF16 or AMX); elsewhere it is emulated and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_fast_bf16():
-        return torch.bfloat16
-    return None
+def pick_precision(flag: str, device: torch.device, config: ViTConfig, batch_size: int) -> Precision:
+    """--precision on this device; auto times a matmul shaped like the model's MLP on a batch of tokens,
+    see trainkit.choose_precision."""
+    tokens = min(batch_size * (config.n_patches + 1), 4096)
+    return choose_precision(flag, device, (tokens, config.dim, config.mlp_dim))
 
 
 def lr_at(progress: float, base_lr: float, warmup: float, min_ratio: float = 0.01) -> float:
@@ -472,13 +461,13 @@ def lr_at(progress: float, base_lr: float, warmup: float, min_ratio: float = 0.0
 
 @torch.no_grad()
 def predict_logits(model: VisionTransformer, images: torch.Tensor, device: torch.device,
-                   amp: torch.dtype | None, batch_size: int = 256, tta: bool = False) -> torch.Tensor:
+                   precision: Precision | None = None, batch_size: int = 256, tta: bool = False) -> torch.Tensor:
     """Logits (float32, on CPU) for uint8 images; with tta the logits of the image and its mirror are averaged."""
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
         x = normalize(images[i:i + batch_size].to(device))
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        with precision.autocast() if precision else contextlib.nullcontext():
             logits = model(x).float()
             if tta:
                 logits = 0.5 * (logits + model(x.flip(-1)).float())
@@ -494,9 +483,9 @@ def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, n: int) -> list[
 
 
 def evaluate(model: VisionTransformer, cache: ImageCache, class_names: list[str], device: torch.device,
-             amp: torch.dtype | None, tta: bool = False) -> dict:
+             precision: Precision | None = None, tta: bool = False) -> dict:
     """Accuracy, per-class accuracy and confusion matrix of `model` on a cached split."""
-    preds = predict_logits(model, cache.images, device, amp, tta=tta).argmax(-1)
+    preds = predict_logits(model, cache.images, device, precision, tta=tta).argmax(-1)
     cm = confusion_matrix(cache.labels, preds, len(class_names))
     per_class = {name: (row[i] / sum(row) if sum(row) else float("nan")) for i, (name, row) in
                  enumerate(zip(class_names, cm))}
@@ -564,7 +553,6 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
 
     seed_everything(args.seed)
     device = pick_device(args.device)
-    amp = autocast_dtype(device, args.precision)
     out_dir = Path(args.output_dir)
     ckpt_path = Path(args.checkpoint) if args.checkpoint else out_dir / "vit_cats_vs_dogs.pth"
 
@@ -580,10 +568,13 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
     print(f"data: {len(train_cache)} train / {len(val_cache)} validation images, classes {class_names}, "
           f"{skipped} unreadable files skipped, decoded in {data_seconds:.1f}s")
 
+    precision = pick_precision(args.precision, device, config, args.batch_size)
+    print(precision.describe())
     model = VisionTransformer(config).to(device)
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {config.n_patches + 1} tokens, device "
-          f"{device.type}, autocast {amp or 'off'}, threads {torch.get_num_threads()}")
+          f"{device.type}, {precision.name}, threads {torch.get_num_threads()}")
     optimizer = model.configure_optimizer(args.lr, args.weight_decay)
+    scaler = precision.grad_scaler()  # fp16 only: loss scaling; for fp32 and bf16 it passes calls through
     # torch.compile fuses the small elementwise ops (LayerNorm, GELU, softmax) between the matmuls; the compiled
     # module shares its parameters with `model`, so checkpoints and evaluation use `model` as usual.
     forward = torch.compile(model) if args.compile else model
@@ -624,13 +615,15 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
                 target = y
                 if mix is not None and torch.rand((), generator=g).item() < args.mix_prob:
                     x, target = mix(x, y)  # soft targets: a blend of two images and of their labels
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                with precision.autocast():
                     logits = forward(x)
                 loss = F.cross_entropy(logits.float(), target, label_smoothing=args.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                 nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                optimizer.step()
+                scaler.step(optimizer)  # fp16: skipped when a gradient overflowed (the scale then shrinks)
+                scaler.update()
                 step += 1
                 loss_sum += loss.item() * len(y)
                 correct += (logits.argmax(-1) == y).sum().item()
@@ -643,7 +636,7 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
             train_seconds += time.perf_counter() - t_epoch
             images_seen += count
             train_loss, train_acc = loss_sum / max(1, count), correct / max(1, count)
-            val = evaluate(model, val_cache, class_names, device, amp, tta=args.tta)
+            val = evaluate(model, val_cache, class_names, device, precision, tta=args.tta)
             history.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
                             "val_accuracy": val["accuracy"], "lr": optimizer.param_groups[0]["lr"]})
             print(f"epoch {epoch:3d}  train loss {train_loss:.3f} acc {train_acc:.3f}  val acc "
@@ -658,7 +651,7 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
         interrupted = True
         print("\ninterrupted: saving and reporting what was trained so far", file=sys.stderr)
 
-    final = evaluate(model, val_cache, class_names, device, amp, tta=args.tta)
+    final = evaluate(model, val_cache, class_names, device, precision, tta=args.tta)
     if final["accuracy"] > best_acc or not ckpt_path.exists():
         best_acc = final["accuracy"]
         save_checkpoint(ckpt_path, model, class_names, {"epoch": len(history), "val_accuracy": best_acc})
@@ -674,7 +667,7 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
         "wall_seconds": time.perf_counter() - t_start, "peak_rss_mb": peak_rss_mb(),
         "train_images": len(train_cache), "val_images": len(val_cache), "skipped_files": skipped,
         "parameters": model.num_parameters(), "config": asdict(config), "device": device.type,
-        "autocast": str(amp) if amp else None, "interrupted": interrupted, "history": history,
+        "precision": precision.name, "precision_reason": precision.reason, "interrupted": interrupted, "history": history,
         "args": {k: v for k, v in vars(args).items() if k not in ("predict",)},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -727,14 +720,15 @@ def run_predict(args: argparse.Namespace) -> None:
 
 def run_eval_only(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
-    amp = autocast_dtype(device, args.precision)
     model, class_names = load_checkpoint(Path(args.checkpoint or Path(args.output_dir) / "vit_cats_vs_dogs.pth"),
                                          device)
     _, val_ds, image_col, label_col, data_classes = load_splits(args, need_train=False)
     if data_classes != class_names:
         raise UserError(f"checkpoint classes {class_names} differ from the data's classes {data_classes}")
     cache = cache_split(val_ds, image_col, label_col, model.config.image_size, "validation")
-    result = evaluate(model, cache, class_names, device, amp, tta=args.tta)
+    precision = pick_precision(args.precision, device, model.config, args.batch_size)
+    print(precision.describe())
+    result = evaluate(model, cache, class_names, device, precision, tta=args.tta)
     print(f"validation accuracy {result['accuracy']:.4f} on {len(cache)} images ({cache.skipped} unreadable skipped)")
     print("per-class accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in result["per_class_accuracy"].items()))
     print_confusion(result["confusion_matrix"], class_names)
@@ -810,8 +804,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "so random crops have pixels to choose from")
     t.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="evaluate on each image and its mirror image, averaging the logits")
-    t.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 autocast on GPUs and on CPUs with native bf16, else fp32")
+    t.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="autocast precision. auto: on CUDA bf16 from compute capability 8.0, fp16 with loss "
+                        "scaling on 7.x; on a CPU whichever of fp32 and bf16 measures faster; fp32 on MPS")
     t.add_argument("--compile", action="store_true", help="torch.compile the training forward/backward")
     t.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
     t.add_argument("--seed", type=int, default=0)

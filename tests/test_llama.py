@@ -272,7 +272,7 @@ def test_smoke_training_learns_saves_a_checkpoint_and_reports(tmp_path, data_fla
     ckpt, out_dir = tmp_path / "model.pth", tmp_path / "run"
     code, out, err = run_main(["--preset", "smoke", *data_flags, "--checkpoint", str(ckpt), "--output-dir",
                                str(out_dir), "--max-steps", "60", "--eval-interval", "30", "--dim", "48",
-                               "--n-heads", "4", "--max-seq-len", "24", "--dtype", "fp32"], capsys)
+                               "--n-heads", "4", "--max-seq-len", "24", "--precision", "fp32"], capsys)
     assert code == 0, err
     metrics = json.loads((out_dir / "metrics.json").read_text())
     for key in ("final_train_loss", "val_perplexity", "test_perplexity", "tokens_seen", "tokens_per_s",
@@ -287,7 +287,7 @@ def test_smoke_training_learns_saves_a_checkpoint_and_reports(tmp_path, data_fla
 
     # --eval-only rebuilds the model from the checkpoint alone and gets the same test perplexity.
     code, out, err = run_main(["--eval-only", "--checkpoint", str(ckpt), "--split", "test", *data_flags,
-                               "--output-dir", str(out_dir), "--dtype", "fp32"], capsys)
+                               "--output-dir", str(out_dir), "--precision", "fp32"], capsys)
     assert code == 0, err
     evaluated = json.loads((out_dir / "eval_test.json").read_text())
     assert evaluated["test_perplexity"] == pytest.approx(metrics["test_perplexity"], rel=1e-4)

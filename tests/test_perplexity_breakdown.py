@@ -20,7 +20,7 @@ def test_breakdown_matches_evaluate_and_counts_unseen_tokens(tmp_path, tiny_wiki
     ckpt = tmp_path / "model.pth"
     flags = ["--data-dir", tiny_wikitext_dir, "--tokenizer", tiny_tokenizer_dir]
     code, _, _ = call_main(llama.main, ["--preset", "smoke", *flags, "--checkpoint", str(ckpt), "--output-dir",
-                                        str(tmp_path), "--dtype", "fp32"], capsys)
+                                        str(tmp_path), "--precision", "fp32"], capsys)
     assert code == 0
     code, out, _ = call_main(perplexity_breakdown.main, ["--checkpoint", str(ckpt), *flags], capsys)
     assert code == 0

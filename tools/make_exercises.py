@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ("transformer.py", "llama.py", "llama_generation.py")
+LIBRARIES = ("trainkit.py",)  # imported by the scripts, copied as they are
 
 START = re.compile(r"^(?P<indent>[ \t]*)# EXERCISE\b(?P<rest>.*)$")
 NAMED = re.compile(r"^ (?P<name>[a-z][a-z0-9_]*): (?P<hint>\S.*)$")
@@ -113,6 +114,9 @@ def main(argv=None) -> int:
     for script, (text, names) in made.items():
         (out_dir / script).write_text(text)
         print(f"{out_dir / script}: {len(names)} exercises ({', '.join(names)})")
+    if not args.in_place:
+        for library in LIBRARIES:
+            (out_dir / library).write_text((source_dir / library).read_text())
     print(f"next: edit the TODOs, then `pytest --impl {out_dir}` (or `-m NAME` for one exercise)")
     return 0
 
