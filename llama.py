@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainkit import PRECISIONS, Precision, choose_precision
+from trainkit import PRECISIONS, Precision, choose_precision, plot_lm_curves
 
 CHECKPOINT = "llama_wikitext_trained.pth"
 SAMPLE_PROMPTS = ["In a world where", "The history of the city", "She was born in"]
@@ -590,11 +590,13 @@ def load_checkpoint(path: str, device="cpu") -> tuple[Transformer, dict]:
 
 
 def train(model: Transformer, streams: dict, cfg: TrainConfig, device: torch.device, precision: Precision,
-          on_best=None) -> dict:
+          on_best=None, on_validate=None) -> dict:
     """Train until max_steps or the time budget, validating every eval_interval steps.
 
     on_best(model, val_loss) is called whenever the validation loss improves (the caller saves a checkpoint
-    there). Returns what happened: status ("completed", "interrupted" or "nan"), losses, counts and times.
+    there), on_validate(log) after every validation (the caller redraws the loss curves). Returns what
+    happened: status ("completed", "interrupted" or "nan"), losses, counts and times, and the curves
+    (tokens seen, loss) of every step ("train_curve") and every validation ("val_curve").
     """
     from tqdm.auto import tqdm
 
@@ -604,16 +606,19 @@ def train(model: Transformer, streams: dict, cfg: TrainConfig, device: torch.dev
     scaler = precision.grad_scaler()  # fp16 only: loss scaling; for fp32 and bf16 it passes calls through
     model.train()
     log = {"status": "completed", "steps": 0, "tokens_seen": 0, "train_time_s": 0.0, "best_val_loss": math.inf,
-           "best_step": 0, "recent_losses": [], "val_history": []}
+           "best_step": 0, "recent_losses": [], "val_history": [], "train_curve": [], "val_curve": []}
 
     def validate(step):
         val = evaluate(model, streams["validation"], device, precision)
         log["val_history"].append((step, val))
+        log["val_curve"].append((log["tokens_seen"], val))
         tqdm.write(f"step {step}: validation loss {val:.3f}, perplexity {math.exp(val):.1f}")
         if val < log["best_val_loss"]:
             log["best_val_loss"], log["best_step"] = val, step
             if on_best is not None:
                 on_best(model, val)
+        if on_validate is not None:
+            on_validate(log)
         model.train()
 
     start = time.perf_counter()
@@ -651,6 +656,7 @@ def train(model: Transformer, streams: dict, cfg: TrainConfig, device: torch.dev
             log["train_time_s"] += time.perf_counter() - t0
             log["tokens_seen"] += cfg.grad_accum * inputs.numel()
             log["recent_losses"] = (log["recent_losses"] + [loss_sum])[-50:]
+            log["train_curve"].append((log["tokens_seen"], loss_sum))
             bar.n = round(100 * progress, 1)
             bar.set_postfix_str(f"step {step} loss {loss_sum:.3f} lr {lr:.2e} "
                                 f"{log['tokens_seen'] / log['train_time_s']:.0f} tok/s")
@@ -809,7 +815,14 @@ def run_training(args, device) -> int:
     def on_best(m, val_loss):
         save_checkpoint(args.checkpoint, m, tokenizer_name, val_loss=val_loss)
 
-    log = train(model, streams, cfg, device, precision, on_best)
+    curves_path = Path(args.output_dir) / "loss_curves.png"
+    train_label = "training loss" + (f" (label smoothing {cfg.label_smoothing:g})" if cfg.label_smoothing else "")
+
+    def on_validate(log):
+        plot_lm_curves(curves_path, log["train_curve"], log["val_curve"], train_label=train_label,
+                       title=f"llama.py: {model.num_params() / 1e6:.1f}M parameters, {device.type}, {precision.name}")
+
+    log = train(model, streams, cfg, device, precision, on_best, on_validate)
     metrics = {"status": log["status"], "steps": log["steps"],
                "final_train_loss": sum(log["recent_losses"]) / max(len(log["recent_losses"]), 1)}
     if Path(args.checkpoint).is_file() and log["val_history"]:
@@ -824,6 +837,8 @@ def run_training(args, device) -> int:
                    tokens_per_s=log["tokens_seen"] / max(log["train_time_s"], 1e-9),
                    wall_time_s=log["wall_time_s"], data_time_s=data_time, device=str(device),
                    precision=precision.name, precision_reason=precision.reason, checkpoint=args.checkpoint)
+    if curves_path.is_file():
+        metrics["loss_curves"] = str(curves_path)
     report(metrics, Path(args.output_dir) / "metrics.json")
     if log["status"] == "nan":
         print("error: training diverged (loss is NaN or infinite); try a lower --lr", file=sys.stderr)

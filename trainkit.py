@@ -1,6 +1,7 @@
 """Plumbing that both training scripts need and that no lesson teaches.
 
     Precision       which arithmetic a run uses (fp32, bf16 or fp16 autocast), chosen by measuring
+    Pictures        loss and accuracy curves, attention maps over images: PNGs written atomically
 
 The lessons (transformer.py, llama.py) import what they need from here; a student reads one lesson file and
 can treat this module as a library.
@@ -10,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
@@ -130,3 +134,144 @@ def choose_precision(flag: str, device: torch.device, matmul_shape: tuple[int, i
             return Precision("bf16", kind, f"bf16 autocast measured {ratio:.2f}x fp32 on this CPU, {shape} matmul")
         return Precision("fp32", kind, f"bf16 autocast measured {ratio:.2f}x fp32 on this CPU, {shape} matmul")
     return Precision("fp32", kind, f"the default on {kind}; try --precision fp16")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pictures: PNGs of the training curves and of attention maps
+#
+# Figures are drawn with matplotlib's object-oriented API on an Agg canvas of their own, never through pyplot,
+# so importing a lesson does not change the backend of a notebook or a desktop session that uses matplotlib.
+# Each file is written to a temporary name and renamed, so an image viewer that refreshes it during training
+# never sees half a PNG.
+
+
+def smooth(values: Sequence[float], beta: float = 0.9) -> list[float]:
+    """Exponential moving average with the bias correction of Adam (Kingma & Ba, 2015): s_t = beta s_{t-1} +
+    (1 - beta) x_t, divided by 1 - beta^t so the first points are not pulled towards zero."""
+    out, s = [], 0.0
+    for t, x in enumerate(values, start=1):
+        s = beta * s + (1.0 - beta) * x
+        out.append(s / (1.0 - beta ** t))
+    return out
+
+
+def new_figure(width: float, height: float):
+    """A matplotlib Figure on its own Agg canvas (pyplot and its global backend stay untouched)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig, path: Path | str, dpi: int = 110) -> Path:
+    """Write fig as a PNG: to path + '.tmp' first, then renamed over path (atomic on one file system)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=dpi)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_lm_curves(path: Path | str, train: Sequence[tuple[int, float]], val: Sequence[tuple[int, float]],
+                   title: str = "", train_label: str = "training loss") -> Path:
+    """Language-model curves against tokens seen: left the training loss (each step, faint, and smoothed)
+    with the validation loss, right the validation perplexity exp(loss) on a log scale.
+
+    train: (tokens seen, training loss) per step; val: (tokens seen, validation loss) per validation."""
+    from matplotlib.ticker import EngFormatter
+
+    fig = new_figure(11, 4.2)
+    ax_loss, ax_ppl = fig.subplots(1, 2)
+    if train:
+        x, y = zip(*train)
+        ax_loss.plot(x, y, color="tab:blue", alpha=0.25, linewidth=0.8, label=f"{train_label}, each step")
+        ax_loss.plot(x, smooth(y), color="tab:blue", linewidth=1.8, label=f"{train_label}, smoothed")
+    if val:
+        vx, vy = zip(*val)
+        ax_loss.plot(vx, vy, "o-", color="tab:orange", markersize=4, label="validation loss")
+        ppl = [math.exp(v) for v in vy]
+        ax_ppl.plot(vx, ppl, "o-", color="tab:orange", markersize=4, label="validation perplexity")
+        best = min(range(len(ppl)), key=ppl.__getitem__)
+        ax_ppl.annotate(f"best {ppl[best]:.1f}", (vx[best], ppl[best]), textcoords="offset points",
+                        xytext=(-10, 12), ha="right", fontsize=9)
+        ax_ppl.set_yscale("log")
+    ax_loss.set_ylabel("cross-entropy (nats per token)")
+    ax_loss.set_title("loss")
+    ax_ppl.set_ylabel("perplexity (log scale)")
+    ax_ppl.set_title("validation perplexity")
+    for ax in (ax_loss, ax_ppl):
+        ax.set_xlabel("tokens seen")
+        ax.xaxis.set_major_formatter(EngFormatter())
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return save_figure(fig, path)
+
+
+def plot_classifier_curves(path: Path | str, history: Sequence[dict], title: str = "") -> Path:
+    """Classifier curves per epoch from rows with epoch, train_loss, train_accuracy and val_accuracy: left the
+    training loss, right the training and validation accuracy (in %)."""
+    fig = new_figure(11, 4.2)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    if history:
+        epochs = [h["epoch"] for h in history]
+        ax_loss.plot(epochs, [h["train_loss"] for h in history], color="tab:blue", linewidth=1.2,
+                     label="training loss")
+        ax_acc.plot(epochs, [100 * h["train_accuracy"] for h in history], color="tab:blue", linewidth=1.2,
+                    label="training accuracy")
+        ax_acc.plot(epochs, [100 * h["val_accuracy"] for h in history], color="tab:orange", linewidth=1.2,
+                    marker="o" if len(history) <= 30 else None, markersize=3, label="validation accuracy")
+    ax_loss.set_ylabel("cross-entropy")
+    ax_loss.set_title("training loss")
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_acc.set_title("accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return save_figure(fig, path)
+
+
+def plot_attention_maps(path: Path | str, images, maps: dict, titles: Sequence[str] = (), title: str = "") -> Path:
+    """One row per image: the image, then each map laid over it as a heat map.
+
+    images: uint8 (B, 3, H, W); maps: column title -> (B, h, w) non-negative weights over a grid of patches,
+    each scaled to [0, 1] per image and stretched to the image's size; titles: one line per row."""
+    import torch.nn.functional as F
+
+    n = images.shape[0]
+    H, W = images.shape[-2:]
+    cols = 1 + len(maps)
+    fig = new_figure(2.3 * cols, 2.3 * n + 0.4)
+    axes = fig.subplots(n, cols, squeeze=False)
+    for c, (name, m) in enumerate(maps.items(), start=1):
+        m = m.detach().float().cpu()
+        lo = m.flatten(1).min(1).values.view(-1, 1, 1)
+        hi = m.flatten(1).max(1).values.view(-1, 1, 1)
+        m = (m - lo) / (hi - lo).clamp_min(1e-12)
+        m = F.interpolate(m[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+        for r in range(n):
+            ax = axes[r][c]
+            ax.imshow(images[r].permute(1, 2, 0).cpu().numpy())
+            ax.imshow(m[r].numpy(), cmap="inferno", alpha=0.6, vmin=0, vmax=1)
+            if r == 0:
+                ax.set_title(name, fontsize=9)
+    for r in range(n):
+        ax = axes[r][0]
+        ax.imshow(images[r].permute(1, 2, 0).cpu().numpy())
+        if r < len(titles):
+            ax.set_title(titles[r], fontsize=9)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainkit import PRECISIONS, Precision, choose_precision
+from trainkit import PRECISIONS, Precision, choose_precision, plot_attention_maps, plot_classifier_curves
 
 # --------------------------------------------------------------------------------------------------------------
 # Config
@@ -598,6 +598,7 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
     train_loss = train_acc = float("nan")
     t_train = time.perf_counter()
     interrupted = False
+    curves_path, curves_drawn = out_dir / "vit_curves.png", -math.inf
     try:
         for epoch in range(1, args.epochs + 1):
             model.train()
@@ -642,6 +643,9 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
             print(f"epoch {epoch:3d}  train loss {train_loss:.3f} acc {train_acc:.3f}  val acc "
                   f"{val['accuracy']:.3f}  {count / (time.perf_counter() - t_epoch):.0f} img/s  "
                   f"{time.perf_counter() - t_train:.0f}s", flush=True)
+            if time.perf_counter() - curves_drawn >= CURVES_EVERY_S:  # a drawing costs ~0.2 s; epochs can be 1 s
+                plot_classifier_curves(curves_path, history, curves_title(model, device, precision))
+                curves_drawn = time.perf_counter()
             if val["accuracy"] > best_acc:
                 best_acc = val["accuracy"]
                 save_checkpoint(ckpt_path, model, class_names, {"epoch": epoch, "val_accuracy": best_acc})
@@ -674,7 +678,23 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print_report(metrics, class_names)
     print(f"saved {ckpt_path}, {out_dir / 'metrics.json'}, {grid_path}")
+    if history:
+        plot_classifier_curves(curves_path, history, curves_title(model, device, precision))
+    idx = torch.randperm(len(val_cache), generator=torch.Generator().manual_seed(args.seed))[:ATTENTION_IMAGES]
+    titles = [f"{class_names[int(final['predictions'][i])]} ({class_names[int(val_cache.labels[i])]})" for i in idx]
+    attention_path = save_attention_picture(out_dir / "vit_attention.png", model, val_cache.images[idx], titles,
+                                            device, "validation images, predicted (true)")
+    print(f"pictures: {curves_path if history else '(no epoch finished: no curves)'}, {attention_path}")
     return metrics
+
+
+CURVES_EVERY_S = 10.0  # redraw vit_curves.png after an epoch when this many seconds have passed since the last
+
+
+def curves_title(model: VisionTransformer, device: torch.device, precision: Precision) -> str:
+    c = model.config
+    return (f"transformer.py: ViT {model.num_parameters() / 1e6:.2f}M parameters ({c.image_size} px, patch "
+            f"{c.patch_size}, dim {c.dim}, {c.depth} blocks), {device.type}, {precision.name}")
 
 
 def peak_rss_mb() -> float:
@@ -708,6 +728,7 @@ def run_predict(args: argparse.Namespace) -> None:
     model, class_names = load_checkpoint(Path(args.checkpoint or Path(args.output_dir) / "vit_cats_vs_dogs.pth"),
                                          device)
     size = model.config.image_size
+    shown, titles = [], []
     for path in args.predict:
         try:
             image = decode_image(path, size).unsqueeze(0)
@@ -716,6 +737,13 @@ def run_predict(args: argparse.Namespace) -> None:
         probs = predict_logits(model, image, device, None)[0].softmax(-1)
         ranked = sorted(zip(class_names, probs.tolist()), key=lambda t: -t[1])
         print(f"{path}: " + "  ".join(f"{name} {p:.3f}" for name, p in ranked))
+        if len(shown) < ATTENTION_MAX_PREDICT:
+            shown.append(image)
+            titles.append(f"{Path(path).name[:18]}: {ranked[0][0]} {ranked[0][1]:.2f}")
+    picture = save_attention_picture(Path(args.output_dir) / "vit_attention_predict.png", model, torch.cat(shown),
+                                     titles, device, "where the class token looks")
+    more = f" (the first {ATTENTION_MAX_PREDICT} images)" if len(args.predict) > ATTENTION_MAX_PREDICT else ""
+    print(f"attention maps{more}: {picture}")
 
 
 def run_eval_only(args: argparse.Namespace) -> dict:
@@ -733,6 +761,89 @@ def run_eval_only(args: argparse.Namespace) -> dict:
     print("per-class accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in result["per_class_accuracy"].items()))
     print_confusion(result["confusion_matrix"], class_names)
     return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Looking inside: where the class token attends
+# --------------------------------------------------------------------------------------------------------------
+# The maps are computed from each block's own W_q and W_k and the input its attention received, captured by a
+# forward pre-hook; MultiHeadSelfAttention.forward is not asked for its weights, so the maps are the same however
+# it is written (an explicit softmax, F.scaled_dot_product_attention, ...).
+
+ATTENTION_IMAGES = 4  # validation images in the attention picture written after training
+ATTENTION_MAX_PREDICT = 8  # --predict draws the maps of at most this many images
+
+
+def attention_probabilities(x: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None,
+                            n_heads: int) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(head_dim)) of each head, (B, heads, N, N), for attention inputs x (B, N, dim).
+
+    qkv_weight (3 dim, dim) stacks W_q, W_k, W_v as nn.MultiheadAttention's in_proj_weight does; V is not
+    needed for the weights, so only the first 2 dim rows are used."""
+    B, N, D = x.shape
+    head_dim = D // n_heads
+    bias = qkv_bias[:2 * D] if qkv_bias is not None else None
+    q, k = F.linear(x.float(), qkv_weight[:2 * D].float(), bias.float() if bias is not None else None) \
+        .view(B, N, 2, n_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
+    return (q @ k.transpose(-2, -1) / math.sqrt(head_dim)).softmax(dim=-1)
+
+
+@torch.no_grad()
+def attention_inputs(model: VisionTransformer, images: torch.Tensor) -> list[torch.Tensor]:
+    """What each block's self-attention receives (LN_1 of its input), (B, N+1, dim) per block, from one forward
+    pass over normalised images; forward pre-hooks on the attention modules catch it on the way in."""
+    captured: list[torch.Tensor] = []
+
+    def catch(module, args, kwargs):
+        captured.append((args[0] if args else next(iter(kwargs.values()))).detach().float())
+
+    hooks = [layer.self_attention.register_forward_pre_hook(catch, with_kwargs=True) for layer in model.layers]
+    try:
+        model.eval()
+        model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
+
+
+@torch.no_grad()
+def attention_weights(model: VisionTransformer, images: torch.Tensor) -> list[torch.Tensor]:
+    """The attention probabilities of every block, a list of (B, heads, N+1, N+1); index 0 is the class token."""
+    return [attention_probabilities(x, layer.self_attention.qkv.weight, layer.self_attention.qkv.bias,
+                                    layer.self_attention.n_heads)
+            for x, layer in zip(attention_inputs(model, images), model.layers)]
+
+
+def attention_rollout(attentions: list[torch.Tensor]) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020): how much each output token draws on each input token through
+    all the blocks. Per block: average the heads, add the identity for the residual connection and renormalise
+    each row, A = (mean_h A_h + I) / 2; then multiply the blocks in order, R = A_L ... A_2 A_1. (B, N, N)."""
+    n = attentions[0].shape[-1]
+    rollout = torch.eye(n, device=attentions[0].device).expand(attentions[0].shape[0], n, n)
+    for a in attentions:
+        a = a.float().mean(dim=1) + torch.eye(n, device=a.device)
+        a = a / a.sum(dim=-1, keepdim=True)
+        rollout = a @ rollout
+    return rollout
+
+
+def class_token_maps(model: VisionTransformer, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Where the class token looks, as (B, grid, grid) maps over the patches: in the last block (heads
+    averaged) and through all the blocks (rollout). images: normalised floats, on the model's device."""
+    attentions = attention_weights(model, images)
+    grid = model.config.image_size // model.config.patch_size
+    last = attentions[-1].mean(dim=1)[:, 0, 1:]  # the class token's row, without its weight on itself
+    rolled = attention_rollout(attentions)[:, 0, 1:]
+    return {"class token, last block": last.reshape(-1, grid, grid).cpu(),
+            "attention rollout, all blocks": rolled.reshape(-1, grid, grid).cpu()}
+
+
+def save_attention_picture(path: Path, model: VisionTransformer, images: torch.Tensor, titles: list[str],
+                           device: torch.device, title: str = "") -> Path:
+    """Draws the class token's maps over uint8 images (B, 3, H, W) into a PNG: one row per image."""
+    maps = class_token_maps(model, normalize(images.to(device)))
+    return plot_attention_maps(path, images.cpu(), maps, titles, title)
 
 
 # --------------------------------------------------------------------------------------------------------------
