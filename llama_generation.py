@@ -112,6 +112,70 @@ class Sampler:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Seeing what a strategy keeps (--show-probs)
+
+
+def sampling_distribution(logits: torch.Tensor, sampler: Sampler) -> torch.Tensor:
+    """The probabilities (batch, vocab) that `sampler` draws the next token from: softmax of the logits after
+    its temperature and filter, the same steps as Sampler.__call__; greedy puts all the mass on the argmax.
+    A token the filter removed has probability exactly 0; the others are renormalised to sum to 1."""
+    if sampler.strategy == "greedy":
+        return F.one_hot(pick_greedy(logits)[..., 0], logits.shape[-1]).float()
+    t = sampler.temperature
+    if sampler.strategy == "top_k":
+        logits = filter_top_k(logits, sampler.top_k)
+    elif sampler.strategy == "top_p":
+        logits = filter_top_p(logits / t, sampler.top_p) * t
+    return F.softmax(logits.float() / t, dim=-1)
+
+
+@dataclass
+class Candidate:
+    """One row of the --show-probs table."""
+
+    token: int
+    p_model: float  # softmax(logits): what the model says
+    p_tempered: float  # softmax(logits / temperature), before any filter (greedy: the model's)
+    p_drawn: float  # what the sampler draws from, after temperature and filter; 0 when the filter cut it
+
+
+def top_candidates(logits: torch.Tensor, sampler: Sampler, n: int = 10, also: Optional[int] = None) -> list[Candidate]:
+    """The n most likely next tokens of one row of logits (vocab,), with their probabilities before and
+    after the strategy's temperature and filter, most likely first; token `also` is added last if not among them."""
+    logits = logits.float()
+    p_model = F.softmax(logits, dim=-1)
+    t = sampler.temperature if sampler.strategy != "greedy" else 1.0
+    p_tempered = F.softmax(logits / t, dim=-1)
+    p_drawn = sampling_distribution(logits[None], sampler)[0]
+    top = torch.topk(p_model, min(n, logits.shape[-1])).indices.tolist()
+    if also is not None and also not in top:
+        top.append(also)
+    return [Candidate(i, float(p_model[i]), float(p_tempered[i]), float(p_drawn[i])) for i in top]
+
+
+def describe_strategy(sampler: Sampler) -> str:
+    settings = {"greedy": "", "sample": f"temperature {sampler.temperature:g}",
+                "top_k": f"temperature {sampler.temperature:g}, k {sampler.top_k}",
+                "top_p": f"temperature {sampler.temperature:g}, p {sampler.top_p:g}"}[sampler.strategy]
+    return sampler.strategy + (f" ({settings})" if settings else "")
+
+
+def format_candidates(step: int, logits: torch.Tensor, sampler: Sampler, tokenizer, chosen: int,
+                      n: int = 10) -> str:
+    """The --show-probs table of one step; '>' marks the token that was drawn."""
+    n_kept = int((sampling_distribution(logits[None].float(), sampler) > 0).sum())
+    t = sampler.temperature if sampler.strategy != "greedy" else 1.0
+    lines = [f"  step {step}, {describe_strategy(sampler)}: {n_kept:,} of {logits.shape[-1]:,} tokens can be drawn",
+             f"      {'token':<18}{'p':>9}{f'p at T={t:g}':>13}{'drawn from':>12}"]
+    for c in top_candidates(logits, sampler, n, also=chosen):
+        drawn = f"{c.p_drawn:.4f}" if c.p_drawn > 0 else "cut"
+        mark = ">" if c.token == chosen else " "
+        lines.append(f"    {mark} {repr(tokenizer.decode([c.token]))[:18]:<18}{c.p_model:>9.4f}{c.p_tempered:>13.4f}"
+                     f"{drawn:>12}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
 # The decoding loop
 
 
@@ -192,11 +256,13 @@ def encode_prompt(tokenizer, prompt: str, max_seq_len: int) -> list[int]:
 
 def generate(model: Transformer, tokenizer, prompt, device, max_length: int = 50, strategy: str = "greedy",
              temperature: float = 1.0, top_k: int = 50, top_p: float = 0.9, seed: Optional[int] = None,
-             num_samples: int = 1, stream: Optional[Callable[[str], None]] = None) -> tuple[list[str], str]:
+             num_samples: int = 1, stream: Optional[Callable[[str], None]] = None,
+             on_choice: Optional[Callable[[torch.Tensor, torch.Tensor, Sampler], None]] = None) -> tuple[list[str], str]:
     """Continue `prompt` (a string, or a list of them decoded as one batch) by up to max_length new tokens;
     returns (continuations, stop reason), num_samples per prompt, the first prompt's first.
 
-    stream, if given, receives each new piece of text as it is decoded (first continuation only).
+    stream, if given, receives each new piece of text as it is decoded (first continuation only);
+    on_choice(logits, chosen tokens, sampler), if given, is called at every step after the choice.
     """
     generator = torch.Generator(device=device)
     if seed is not None:
@@ -216,7 +282,14 @@ def generate(model: Transformer, tokenizer, prompt, device, max_length: int = 50
                 stream(text[shown[0]:])
                 shown[0] = len(text)
 
-    new, reason = generate_tokens(model, prompt_ids, max_length, sampler, tokenizer.eos_token_id, on_token=on_token,
+    pick_next = sampler
+    if on_choice is not None:
+        def pick_next(logits):
+            nxt = sampler(logits)
+            on_choice(logits, nxt, sampler)
+            return nxt
+
+    new, reason = generate_tokens(model, prompt_ids, max_length, pick_next, tokenizer.eos_token_id, on_token=on_token,
                                   n_pad=n_pad)
     texts = [tokenizer.decode([t for t in row if t != tokenizer.eos_token_id]) for row in new.tolist()]
     return texts, reason
@@ -282,6 +355,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="sampling is reproducible for a given seed")
     p.add_argument("--num-samples", type=int, default=1, help="continuations per strategy")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    p.add_argument("--show-probs", type=int, nargs="?", const=3, default=0, metavar="STEPS",
+                   help="for the first STEPS steps (3 without a number) print the most likely next tokens with "
+                        "their probabilities before and after the strategy's temperature and filter")
     bare = p.add_argument_group("for a bare state_dict without ModelArgs (the original course format)")
     bare.add_argument("--n-heads", type=int)
     bare.add_argument("--n-kv-heads", type=int)
@@ -293,6 +369,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args) -> int:
     if args.max_new_tokens < 1 or args.num_samples < 1:
         raise UserError("--max-new-tokens and --num-samples must be at least 1")
+    if args.show_probs < 0:
+        raise UserError(f"--show-probs takes a number of steps >= 0, got {args.show_probs}")
     strategies = STRATEGIES if args.strategy == "all" else (args.strategy,)
     for strategy in strategies:
         Sampler(strategy, args.temperature, args.top_k, args.top_p)  # check the flags before loading anything
@@ -308,7 +386,8 @@ def run(args) -> int:
         print(args.prompt[0], end="", flush=True)
         stream = lambda piece: print(piece, end="", flush=True)  # noqa: E731
         texts, reason = generate(model, tokenizer, args.prompt, device, args.max_new_tokens, strategy,
-                                 args.temperature, args.top_k, args.top_p, args.seed, args.num_samples, stream)
+                                 args.temperature, args.top_k, args.top_p, args.seed, args.num_samples, stream,
+                                 show_probs(args.show_probs, tokenizer))
         print()
         for i, text in enumerate(texts[1:], start=1):  # the rest of the batch, after the streamed first
             prompt_index, sample = divmod(i, args.num_samples)
@@ -316,6 +395,21 @@ def run(args) -> int:
             print(f"--- {label} ---\n{args.prompt[prompt_index]}{text}")
         print(f"[stopped: {reason}]\n")
     return 0
+
+
+def show_probs(steps: int, tokenizer, n: int = 10):
+    """An on_choice for generate() that prints the candidates table of the first row for the first `steps`
+    steps (None when steps is 0). The text generated so far goes on streaming between the tables."""
+    if steps <= 0:
+        return None
+    done = [0]
+
+    def on_choice(logits, chosen, sampler):
+        if done[0] < steps:
+            done[0] += 1
+            print("\n" + format_candidates(done[0], logits[0], sampler, tokenizer, int(chosen[0, 0]), n), flush=True)
+
+    return on_choice
 
 
 def main(argv=None) -> int:

@@ -181,7 +181,7 @@ def plot_lm_curves(path: Path | str, train: Sequence[tuple[int, float]], val: Se
     with the validation loss, right the validation perplexity exp(loss) on a log scale.
 
     train: (tokens seen, training loss) per step; val: (tokens seen, validation loss) per validation."""
-    from matplotlib.ticker import EngFormatter
+    from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
 
     fig = new_figure(11, 4.2)
     ax_loss, ax_ppl = fig.subplots(1, 2)
@@ -193,11 +193,14 @@ def plot_lm_curves(path: Path | str, train: Sequence[tuple[int, float]], val: Se
         vx, vy = zip(*val)
         ax_loss.plot(vx, vy, "o-", color="tab:orange", markersize=4, label="validation loss")
         ppl = [math.exp(v) for v in vy]
-        ax_ppl.plot(vx, ppl, "o-", color="tab:orange", markersize=4, label="validation perplexity")
-        best = min(range(len(ppl)), key=ppl.__getitem__)
-        ax_ppl.annotate(f"best {ppl[best]:.1f}", (vx[best], ppl[best]), textcoords="offset points",
-                        xytext=(-10, 12), ha="right", fontsize=9)
+        ax_ppl.plot(vx, ppl, "o-", color="tab:orange", markersize=4,
+                    label=f"validation perplexity (best {min(ppl):,.1f})")
         ax_ppl.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:,.0f}")  # 700, not 7 x 10^2
+        ax_ppl.yaxis.set_major_formatter(plain)
+        ax_ppl.yaxis.set_minor_locator(LogLocator(subs=(2, 3, 5)))
+        # label the 2, 3, 5 ticks too when the curve spans little more than a decade, else they crowd
+        ax_ppl.yaxis.set_minor_formatter(plain if max(ppl) / min(ppl) < 30 else NullFormatter())
     ax_loss.set_ylabel("cross-entropy (nats per token)")
     ax_loss.set_title("loss")
     ax_ppl.set_ylabel("perplexity (log scale)")
