@@ -843,6 +843,7 @@ def save_attention_picture(path: Path, model: VisionTransformer, images: torch.T
                            device: torch.device, title: str = "") -> Path:
     """Draws the class token's maps over uint8 images (B, 3, H, W) into a PNG: one row per image."""
     maps = class_token_maps(model, normalize(images.to(device)))
+    title = (title + "; " if title else "") + "bright: where the class token attends most"
     return plot_attention_maps(path, images.cpu(), maps, titles, title)
 
 
