@@ -216,25 +216,38 @@ def plot_lm_curves(path: Path | str, train: Sequence[tuple[int, float]], val: Se
     return save_figure(fig, path)
 
 
-def plot_classifier_curves(path: Path | str, history: Sequence[dict], title: str = "") -> Path:
+def plot_classifier_curves(path: Path | str, history: Sequence[dict], title: str = "", train_note: str = "") -> Path:
     """Classifier curves per epoch from rows with epoch, train_loss, train_accuracy and val_accuracy: left the
-    training loss, right the training and validation accuracy (in %)."""
+    training loss, right the training and validation accuracy (in %). Past 30 epochs the validation accuracy,
+    noisy on a small set, is drawn faint with its moving average over it. train_note: how the training
+    figures were measured, added to their labels (e.g. on MixUp/CutMix batches)."""
+    from matplotlib.ticker import MaxNLocator
+
     fig = new_figure(11, 4.2)
     ax_loss, ax_acc = fig.subplots(1, 2)
+    note = f" ({train_note})" if train_note else ""
     if history:
         epochs = [h["epoch"] for h in history]
+        few = len(history) <= 30
+        marker = dict(marker="o", markersize=3) if few else {}
         ax_loss.plot(epochs, [h["train_loss"] for h in history], color="tab:blue", linewidth=1.2,
-                     label="training loss")
+                     label="training loss" + note, **marker)
         ax_acc.plot(epochs, [100 * h["train_accuracy"] for h in history], color="tab:blue", linewidth=1.2,
-                    label="training accuracy")
-        ax_acc.plot(epochs, [100 * h["val_accuracy"] for h in history], color="tab:orange", linewidth=1.2,
-                    marker="o" if len(history) <= 30 else None, markersize=3, label="validation accuracy")
+                    label="training accuracy" + note, **marker)
+        val = [100 * h["val_accuracy"] for h in history]
+        if few:
+            ax_acc.plot(epochs, val, color="tab:orange", linewidth=1.2, label="validation accuracy", **marker)
+        else:
+            ax_acc.plot(epochs, val, color="tab:orange", linewidth=0.8, alpha=0.35, label="validation accuracy")
+            ax_acc.plot(epochs, smooth(val), color="tab:orange", linewidth=1.8,
+                        label="validation accuracy, smoothed")
     ax_loss.set_ylabel("cross-entropy")
     ax_loss.set_title("training loss")
     ax_acc.set_ylabel("accuracy (%)")
     ax_acc.set_title("accuracy")
     for ax in (ax_loss, ax_acc):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=9)

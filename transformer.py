@@ -599,6 +599,7 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
     t_train = time.perf_counter()
     interrupted = False
     curves_path, curves_drawn = out_dir / "vit_curves.png", -math.inf
+    train_note = "on MixUp/CutMix batches" if mix is not None else ""
     try:
         for epoch in range(1, args.epochs + 1):
             model.train()
@@ -644,7 +645,7 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
                   f"{val['accuracy']:.3f}  {count / (time.perf_counter() - t_epoch):.0f} img/s  "
                   f"{time.perf_counter() - t_train:.0f}s", flush=True)
             if time.perf_counter() - curves_drawn >= CURVES_EVERY_S:  # a drawing costs ~0.2 s; epochs can be 1 s
-                plot_classifier_curves(curves_path, history, curves_title(model, device, precision))
+                plot_classifier_curves(curves_path, history, curves_title(model, device, precision), train_note)
                 curves_drawn = time.perf_counter()
             if val["accuracy"] > best_acc:
                 best_acc = val["accuracy"]
@@ -679,7 +680,7 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
     print_report(metrics, class_names)
     print(f"saved {ckpt_path}, {out_dir / 'metrics.json'}, {grid_path}")
     if history:
-        plot_classifier_curves(curves_path, history, curves_title(model, device, precision))
+        plot_classifier_curves(curves_path, history, curves_title(model, device, precision), train_note)
     idx = torch.randperm(len(val_cache), generator=torch.Generator().manual_seed(args.seed))[:ATTENTION_IMAGES]
     titles = [f"{class_names[int(final['predictions'][i])]} ({class_names[int(val_cache.labels[i])]})" for i in idx]
     attention_path = save_attention_picture(out_dir / "vit_attention.png", model, val_cache.images[idx], titles,
