@@ -754,7 +754,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "scaling on 7.x; on a CPU whichever of fp32 and bf16 measures faster; fp32 on MPS")
     o = p.add_argument_group("output")
     o.add_argument("--checkpoint", default=CHECKPOINT, help="where the trained model is saved (or read)")
-    o.add_argument("--output-dir", default="runs/llama", help="where metrics.json is written")
+    o.add_argument("--output-dir", default="runs/llama", help="where metrics.json and loss_curves.png are written")
     o.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on --split, no training")
     o.add_argument("--split", choices=list(WIKITEXT_FILES), default="test", help="split for --eval-only")
     args = p.parse_args(argv)

@@ -926,8 +926,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     o = p.add_argument_group("output and inference")
-    o.add_argument("--output-dir", default="runs/vit", help="metrics.json, the PNG grid and the checkpoint "
-                   "go here (default %(default)s)")
+    o.add_argument("--output-dir", default="runs/vit", help="metrics.json, the pictures (prediction grid, "
+                   "curves, attention maps) and the checkpoint go here (default %(default)s)")
     o.add_argument("--checkpoint", help="checkpoint path (default OUTPUT_DIR/vit_cats_vs_dogs.pth)")
     o.add_argument("--predict", nargs="+", metavar="IMAGE", help="print class probabilities for these images")
     o.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the validation split")
