@@ -726,8 +726,8 @@ def print_confusion(cm: list[list[int]], class_names: list[str]) -> None:
 
 def run_predict(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
-    model, class_names = load_checkpoint(Path(args.checkpoint or Path(args.output_dir) / "vit_cats_vs_dogs.pth"),
-                                         device)
+    checkpoint = Path(args.checkpoint or Path(args.output_dir) / "vit_cats_vs_dogs.pth")
+    model, class_names = load_checkpoint(checkpoint, device)
     size = model.config.image_size
     shown, titles = [], []
     for path in args.predict:
@@ -741,10 +741,11 @@ def run_predict(args: argparse.Namespace) -> None:
         if len(shown) < ATTENTION_MAX_PREDICT:
             shown.append(image)
             titles.append(f"{Path(path).name[:18]}: {ranked[0][0]} {ranked[0][1]:.2f}")
-    picture = save_attention_picture(Path(args.output_dir) / "vit_attention_predict.png", model, torch.cat(shown),
+    # beside the checkpoint (by default in --output-dir); a note on stderr keeps stdout to the predictions
+    picture = save_attention_picture(checkpoint.parent / "vit_attention_predict.png", model, torch.cat(shown),
                                      titles, device, "where the class token looks")
     more = f" (the first {ATTENTION_MAX_PREDICT} images)" if len(args.predict) > ATTENTION_MAX_PREDICT else ""
-    print(f"attention maps{more}: {picture}")
+    print(f"attention maps{more}: {picture}", file=sys.stderr)
 
 
 def run_eval_only(args: argparse.Namespace) -> dict:
@@ -929,7 +930,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--output-dir", default="runs/vit", help="metrics.json, the pictures (prediction grid, "
                    "curves, attention maps) and the checkpoint go here (default %(default)s)")
     o.add_argument("--checkpoint", help="checkpoint path (default OUTPUT_DIR/vit_cats_vs_dogs.pth)")
-    o.add_argument("--predict", nargs="+", metavar="IMAGE", help="print class probabilities for these images")
+    o.add_argument("--predict", nargs="+", metavar="IMAGE", help="print class probabilities for these images "
+                   "and draw their attention maps into vit_attention_predict.png beside the checkpoint")
     o.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the validation split")
     return p
 

@@ -134,7 +134,8 @@ def test_vit_predict_writes_attention_maps_of_the_predicted_images(vit_run, caps
     code, stdout, err = call_main(T.main, ["--predict", *map(str, images), "--output-dir", str(out)], capsys)
     assert code == 0, err
     assert_png(out / "vit_attention_predict.png")
-    assert str(out / "vit_attention_predict.png") in stdout
+    assert str(out / "vit_attention_predict.png") in err  # a note on stderr: stdout holds only the predictions
+    assert stdout.strip().splitlines()[-1].startswith(str(images[-1]))
     with Image.open(out / "vit_attention_predict.png") as img:  # one row per image: taller than the 1-image case
         three_rows = img.size[1]
     code, _, err = call_main(T.main, ["--predict", str(images[0]), "--output-dir", str(out)], capsys)
