@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -30,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import trainkit
 from trainkit import PRECISIONS, Precision, choose_precision
 
 CHECKPOINT = "llama_wikitext_trained.pth"
@@ -373,11 +375,13 @@ def tokenize_splits(raw, tokenizer) -> dict[str, torch.Tensor]:
     return streams
 
 
-def train_batches(tokens: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator):
+def train_batches(tokens: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator, skip: int = 0):
     """Endless (inputs, targets) batches of contiguous windows; no padding anywhere.
 
     Each pass over the data starts at a random offset and cuts the stream into windows of seq_len + 1
     tokens that overlap by one (targets are inputs shifted left), visited in a random order.
+    A resumed run passes skip = the batches already drawn: their randomness is drawn again, their windows not
+    gathered, so the next batch is the one the stopped run would have drawn next.
     """
     n_windows = (len(tokens) - 1) // seq_len
     if n_windows < 1:
@@ -389,6 +393,9 @@ def train_batches(tokens: torch.Tensor, seq_len: int, batch_size: int, generator
         offset = int(torch.randint(0, spare + 1, (1,), generator=generator))
         starts = offset + seq_len * torch.randperm(n_windows, generator=generator)
         for i in range(0, n_windows - batch_size + 1, batch_size):  # the few left over come next pass
+            if skip:
+                skip -= 1
+                continue
             idx = starts[i:i + batch_size, None] + torch.arange(seq_len + 1)
             window = tokens[idx].long()
             yield window[:, :-1], window[:, 1:]
@@ -519,12 +526,13 @@ def evaluate(model: Transformer, tokens: torch.Tensor, device: torch.device,
     groups = [torch.stack(full[i:i + batch_size]) for i in range(0, len(full), batch_size)]
     groups += [w[None] for w in windows if len(w) != len(windows[0])]
     total, count = 0.0, 0
-    for batch in groups:
+    for batch in groups[trainkit.shard_rows(len(groups))]:  # under torchrun each process takes every N-th
         batch = batch.to(device)
         with precision.autocast() if precision else contextlib.nullcontext():
             logits = model(batch[:, :-1])
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
         total, count = total + loss.item(), count + batch[:, 1:].numel()
+    total, count = trainkit.all_reduce([total, count])  # the sums over all processes' batches
     model.train(was_training)
     return total / count
 
@@ -554,9 +562,7 @@ def save_checkpoint(path: str, model: Transformer, tokenizer_name: str, **extra)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ckpt = {"model": model.state_dict(), "model_args": asdict(model.params), "tokenizer": tokenizer_name, **extra}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    trainkit.atomic_save(ckpt, path)
 
 
 def read_checkpoint(path: str, device="cpu") -> dict:
@@ -590,24 +596,38 @@ def load_checkpoint(path: str, device="cpu") -> tuple[Transformer, dict]:
 
 
 def train(model: Transformer, streams: dict, cfg: TrainConfig, device: torch.device, precision: Precision,
-          on_best=None) -> dict:
+          on_best=None, on_last=None, resume: Optional[dict] = None) -> dict:
     """Train until max_steps or the time budget, validating every eval_interval steps.
 
-    on_best(model, val_loss) is called whenever the validation loss improves (the caller saves a checkpoint
-    there). Returns what happened: status ("completed", "interrupted" or "nan"), losses, counts and times.
+    on_best(model, val_loss) is called whenever the validation loss improves, on_last(state) every eval_interval
+    steps and when training stops, with everything a resumed run needs (the caller saves both). `resume` is
+    such a state: training continues exactly where it stopped. Under torchrun every process runs this with its
+    share of each batch (trainkit.local_share); the processes agree on when to stop. Returns what happened:
+    status ("completed", "interrupted" or "nan"), losses, counts and times.
     """
     from tqdm.auto import tqdm
 
     generator = torch.Generator().manual_seed(cfg.seed)
-    batches = train_batches(streams["train"], model.params.max_seq_len, cfg.batch_size, generator)
+    skip = resume["batches_drawn"] if resume else 0
+    batches = train_batches(streams["train"], model.params.max_seq_len, cfg.batch_size, generator, skip)
     optimizer = configure_optimizer(model, cfg)
     scaler = precision.grad_scaler()  # fp16 only: loss scaling; for fp32 and bf16 it passes calls through
+    log = {"status": "completed", "steps": 0, "tokens_seen": 0, "train_time_s": 0.0, "elapsed_s": 0.0,
+           "best_val_loss": math.inf, "best_step": 0, "recent_losses": [], "val_history": [], "signal": 0}
+    step = 0
+    if resume:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if resume["scaler"] and scaler.is_enabled():
+            scaler.load_state_dict(resume["scaler"])
+        log.update(resume["log"], status="completed", signal=0)
+        step = resume["step"]
+        trainkit.set_rng_state(resume["rng"])
+    ddp_model = trainkit.wrap_ddp(model, device)  # under torchrun: averages the gradients over the processes
     model.train()
-    log = {"status": "completed", "steps": 0, "tokens_seen": 0, "train_time_s": 0.0, "best_val_loss": math.inf,
-           "best_step": 0, "recent_losses": [], "val_history": []}
 
     def validate(step):
-        val = evaluate(model, streams["validation"], device, precision)
+        val = evaluate(model, streams["validation"], device, precision)  # the same figure on every process
         log["val_history"].append((step, val))
         tqdm.write(f"step {step}: validation loss {val:.3f}, perplexity {math.exp(val):.1f}")
         if val < log["best_val_loss"]:
@@ -616,54 +636,71 @@ def train(model: Transformer, streams: dict, cfg: TrainConfig, device: torch.dev
                 on_best(model, val)
         model.train()
 
-    start = time.perf_counter()
-    bar = tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
-    step = 0
+    def snapshot():
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "step": step, "batches_drawn": step * cfg.grad_accum, "log": dict(log), "rng": trainkit.rng_state()}
+
+    clock = time.perf_counter() - log["elapsed_s"]  # a resumed run's clock starts where the stopped one ended
+    start, elapsed, stop = time.perf_counter(), log["elapsed_s"], trainkit.StopRequest()
+    bar = tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}",
+               disable=not trainkit.is_main())
     try:
-        while True:
-            elapsed = time.perf_counter() - start
-            progress = max(step / cfg.max_steps if cfg.max_steps else 0.0,
-                           elapsed / (60 * cfg.time_budget) if cfg.time_budget else 0.0)
-            if progress >= 1.0:
-                break
-            lr = learning_rate(step, progress, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            t0, loss_sum = time.perf_counter(), 0.0
-            for _ in range(cfg.grad_accum):
-                inputs, targets = next(batches)
-                inputs, targets = inputs.to(device), targets.to(device)
-                with precision.autocast():
-                    logits = model(inputs)
-                loss = cross_entropy(logits, targets, cfg.label_smoothing)
-                scaler.scale(loss / cfg.grad_accum).backward()
-                loss_sum += loss.item() / cfg.grad_accum
-            if not math.isfinite(loss_sum):
-                log["status"] = "nan"
-                tqdm.write(f"step {step}: the loss is {loss_sum}; stopping (the last good checkpoint is kept)")
-                break
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)  # fp16: skipped when a gradient overflowed (the scale then shrinks)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            log["train_time_s"] += time.perf_counter() - t0
-            log["tokens_seen"] += cfg.grad_accum * inputs.numel()
-            log["recent_losses"] = (log["recent_losses"] + [loss_sum])[-50:]
-            bar.n = round(100 * progress, 1)
-            bar.set_postfix_str(f"step {step} loss {loss_sum:.3f} lr {lr:.2e} "
-                                f"{log['tokens_seen'] / log['train_time_s']:.0f} tok/s")
-            if step % cfg.eval_interval == 0:
-                validate(step)
-    except KeyboardInterrupt:
+        with stop:
+            while True:
+                progress = max(step / cfg.max_steps if cfg.max_steps else 0.0,
+                               elapsed / (60 * cfg.time_budget) if cfg.time_budget else 0.0)
+                if progress >= 1.0 or log["signal"]:
+                    break
+                lr = learning_rate(step, progress, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                t0, loss_sum = time.perf_counter(), 0.0
+                for micro in range(cfg.grad_accum):
+                    inputs, targets = trainkit.local_share(*next(batches))  # this process's rows of the batch
+                    inputs, targets = inputs.to(device), targets.to(device)
+                    with trainkit.sync_gradients(ddp_model, now=micro == cfg.grad_accum - 1):
+                        with precision.autocast():
+                            logits = ddp_model(inputs)
+                        loss = cross_entropy(logits, targets, cfg.label_smoothing)
+                        scaler.scale(loss / cfg.grad_accum).backward()
+                    loss_sum += loss.item() / cfg.grad_accum
+                # Agreed by all processes: the loss (a NaN anywhere stops all), the time (the first to reach
+                # the budget stops all) and a stop signal received by any of them.
+                (loss_sum,) = trainkit.all_reduce([loss_sum / trainkit.world_size()])
+                elapsed, signum = trainkit.all_reduce([time.perf_counter() - clock, stop.signum], op="max")
+                if not math.isfinite(loss_sum):
+                    log["status"] = "nan"
+                    tqdm.write(f"step {step}: the loss is {loss_sum}; stopping (the last good checkpoint is kept)")
+                    break
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)  # fp16: skipped when a gradient overflowed (the scale then shrinks)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                log["train_time_s"] += time.perf_counter() - t0
+                log["elapsed_s"], log["signal"] = elapsed, int(signum)
+                log["tokens_seen"] += cfg.grad_accum * inputs.numel() * trainkit.world_size()
+                log["recent_losses"] = (log["recent_losses"] + [loss_sum])[-50:]
+                bar.n = round(100 * progress, 1)
+                bar.set_postfix_str(f"step {step} loss {loss_sum:.3f} lr {lr:.2e} "
+                                    f"{log['tokens_seen'] / log['train_time_s']:.0f} tok/s")
+                if step % cfg.eval_interval == 0:
+                    validate(step)
+                    if on_last is not None:
+                        on_last(snapshot())
+    except KeyboardInterrupt:  # a second Ctrl-C, in the middle of a step: no resumable state
         log["status"] = "interrupted"
         tqdm.write("interrupted: evaluating and saving what was trained so far")
     finally:
         bar.close()
     log["steps"] = step
-    if step > 0 and log["status"] != "nan" and (not log["val_history"] or log["val_history"][-1][0] != step):
+    if log["signal"]:  # SIGTERM or Ctrl-C: save where it stopped; validation waits for the resumed run
+        log["status"] = "interrupted"
+    elif step > 0 and log["status"] != "nan" and (not log["val_history"] or log["val_history"][-1][0] != step):
         validate(step)
+    if on_last is not None and log["status"] != "nan" and (log["signal"] or log["status"] == "completed"):
+        on_last(snapshot())
     log["wall_time_s"] = time.perf_counter() - start
     return log
 
@@ -732,8 +769,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--max-seq-len", type=int, help="context length trained on")
     m.add_argument("--dropout", type=float)
     t = p.add_argument_group("training (default: the preset's)")
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    t.add_argument("--batch-size", type=int, help="windows per micro-batch, over all processes: under torchrun "
+                   "each of N processes takes batch-size/N of them")
+    t.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step; a step sees batch-size x "
+                   "grad-accum windows however many processes share them")
     t.add_argument("--lr", type=float, help="peak learning rate")
     t.add_argument("--warmup-steps", type=int)
     t.add_argument("--weight-decay", type=float, help="AdamW's decoupled weight decay on the matrices")
@@ -750,6 +789,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     o.add_argument("--checkpoint", default=CHECKPOINT, help="where the trained model is saved (or read)")
     o.add_argument("--output-dir", default="runs/llama", help="where metrics.json is written")
     o.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on --split, no training")
+    o.add_argument("--resume", action="store_true",
+                   help="continue the run saved in the last checkpoint beside --checkpoint (NAME.last.pth), with "
+                        "the same model and training flags; --max-steps, --time-budget, --eval-interval may change")
     o.add_argument("--split", choices=list(WIKITEXT_FILES), default="test", help="split for --eval-only")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
@@ -802,14 +844,34 @@ def run_training(args, device) -> int:
     streams = tokenize_splits(load_wikitext(args.data_dir, args.dataset, args.dataset_config), tokenizer)
     data_time = time.perf_counter() - t0
     model = Transformer(params).to(device)
-    precision = pick_precision(args.precision, device, params, cfg.batch_size)
+    try:
+        local_batch = trainkit.per_process_batch(cfg.batch_size)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    # Measured on rank 0 and used by all: every process must compute in the same precision.
+    precision = trainkit.same_on_all(pick_precision(args.precision, device, params, local_batch))
     print(f"device {device}, {precision.name}; {model.num_params() / 1e6:.1f}M parameters; "
           f"tokens: " + ", ".join(f"{k} {len(v)}" for k, v in streams.items()) + f" (loaded in {data_time:.1f}s)")
+    print(f"batch: {cfg.batch_size * cfg.grad_accum} windows per step (batch {cfg.batch_size} x grad-accum "
+          f"{cfg.grad_accum}), {trainkit.world_size()} process(es) x {local_batch} windows per micro-batch")
+    last_path = trainkit.last_checkpoint_path(args.checkpoint)
+    state = read_resume_state(last_path, params, cfg) if args.resume else None
 
     def on_best(m, val_loss):
         save_checkpoint(args.checkpoint, m, tokenizer_name, val_loss=val_loss)
 
-    log = train(model, streams, cfg, device, precision, on_best)
+    def on_last(snapshot):
+        trainkit.atomic_save({**snapshot, "model_args": asdict(params), "train_config": asdict(cfg),
+                              "tokenizer": tokenizer_name}, last_path)
+
+    writes = trainkit.is_main()  # rank 0 alone writes files
+    log = train(model, streams, cfg, device, precision, on_best if writes else None, on_last if writes else None,
+                resume=state)
+    trainkit.teardown_distributed()  # what follows (the test split, samples, the report) is rank 0's alone
+    code = 1 if log["status"] == "nan" else trainkit.exit_code(log["signal"]) if log["signal"] else \
+        130 if log["status"] == "interrupted" else 0
+    if not writes:
+        return code
     metrics = {"status": log["status"], "steps": log["steps"],
                "final_train_loss": sum(log["recent_losses"]) / max(len(log["recent_losses"]), 1)}
     if Path(args.checkpoint).is_file() and log["val_history"]:
@@ -827,21 +889,52 @@ def run_training(args, device) -> int:
     report(metrics, Path(args.output_dir) / "metrics.json")
     if log["status"] == "nan":
         print("error: training diverged (loss is NaN or infinite); try a lower --lr", file=sys.stderr)
-        return 1
-    return 130 if log["status"] == "interrupted" else 0
+    elif log["signal"]:
+        print(f"stopped by {signal.Signals(log['signal']).name} at step {log['steps']}; {last_path} holds the run: "
+              f"add --resume to the same command to continue it", file=sys.stderr)
+    return code
+
+
+def read_resume_state(path: Path, params: ModelArgs, cfg: TrainConfig) -> dict:
+    """The last checkpoint of a stopped run, checked against the model and training flags of this one."""
+    if not path.is_file():
+        raise UserError(f"--resume: no last checkpoint at {path}; it is written beside --checkpoint every "
+                        "--eval-interval steps (start without --resume)")
+    state = read_checkpoint(str(path))
+    if not isinstance(state, dict) or "optimizer" not in state or "train_config" not in state:
+        raise UserError(f"--resume: {path} is not a last checkpoint written by llama.py")
+    try:
+        trainkit.resume_changes(state["model_args"], asdict(params))
+        changes = trainkit.resume_changes(state["train_config"], asdict(cfg),
+                                          may_change=("max_steps", "time_budget", "eval_interval"))
+    except ValueError as e:
+        raise UserError(f"--resume {path}: {e}") from None
+    for change in changes:
+        print(f"resume: {change}")
+    print(f"resuming from {path} at step {state['step']} ({state['log']['elapsed_s']:.0f}s trained so far)")
+    return state
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         device = pick_device(args.device)
-        return run_eval_only(args, device) if args.eval_only else run_training(args, device)
+        if args.eval_only:
+            return run_eval_only(args, device)
+        try:
+            device = trainkit.init_distributed(device)  # under torchrun: join the other processes
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        with trainkit.quiet_unless_main():
+            return run_training(args, device)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     except KeyboardInterrupt:  # outside the training loop (which saves and reports on its own)
         print(f"interrupted; the best checkpoint saved so far, if any, is {args.checkpoint}", file=sys.stderr)
         raise SystemExit(130)
+    finally:
+        trainkit.teardown_distributed()
 
 
 if __name__ == "__main__":
