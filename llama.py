@@ -375,7 +375,8 @@ def tokenize_splits(raw, tokenizer) -> dict[str, torch.Tensor]:
     return streams
 
 
-def train_batches(tokens: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator, skip: int = 0):
+def train_batches(tokens: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator,
+                  skip: int = 0):
     """Endless (inputs, targets) batches of contiguous windows; no padding anywhere.
 
     Each pass over the data starts at a random offset and cuts the stream into windows of seq_len + 1
@@ -641,58 +642,59 @@ def train(model: Transformer, streams: dict, cfg: TrainConfig, device: torch.dev
                 "step": step, "batches_drawn": step * cfg.grad_accum, "log": dict(log), "rng": trainkit.rng_state()}
 
     clock = time.perf_counter() - log["elapsed_s"]  # a resumed run's clock starts where the stopped one ended
-    start, elapsed, stop = time.perf_counter(), log["elapsed_s"], trainkit.StopRequest()
+    start, elapsed = time.perf_counter(), log["elapsed_s"]
+    stop = trainkit.StopRequest().install()  # until stop.remove(): SIGINT and SIGTERM only raise a flag
     bar = tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}",
                disable=not trainkit.is_main())
     try:
-        with stop:
-            while True:
-                progress = max(step / cfg.max_steps if cfg.max_steps else 0.0,
-                               elapsed / (60 * cfg.time_budget) if cfg.time_budget else 0.0)
-                if progress >= 1.0 or log["signal"]:
-                    break
-                lr = learning_rate(step, progress, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                t0, loss_sum = time.perf_counter(), 0.0
-                for micro in range(cfg.grad_accum):
-                    inputs, targets = trainkit.local_share(*next(batches))  # this process's rows of the batch
-                    inputs, targets = inputs.to(device), targets.to(device)
-                    with trainkit.sync_gradients(ddp_model, now=micro == cfg.grad_accum - 1):
-                        with precision.autocast():
-                            logits = ddp_model(inputs)
-                        loss = cross_entropy(logits, targets, cfg.label_smoothing)
-                        scaler.scale(loss / cfg.grad_accum).backward()
-                    loss_sum += loss.item() / cfg.grad_accum
-                # Agreed by all processes: the loss (a NaN anywhere stops all), the time (the first to reach
-                # the budget stops all) and a stop signal received by any of them.
-                (loss_sum,) = trainkit.all_reduce([loss_sum / trainkit.world_size()])
-                elapsed, signum = trainkit.all_reduce([time.perf_counter() - clock, stop.signum], op="max")
-                if not math.isfinite(loss_sum):
-                    log["status"] = "nan"
-                    tqdm.write(f"step {step}: the loss is {loss_sum}; stopping (the last good checkpoint is kept)")
-                    break
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)  # fp16: skipped when a gradient overflowed (the scale then shrinks)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                log["train_time_s"] += time.perf_counter() - t0
-                log["elapsed_s"], log["signal"] = elapsed, int(signum)
-                log["tokens_seen"] += cfg.grad_accum * inputs.numel() * trainkit.world_size()
-                log["recent_losses"] = (log["recent_losses"] + [loss_sum])[-50:]
-                bar.n = round(100 * progress, 1)
-                bar.set_postfix_str(f"step {step} loss {loss_sum:.3f} lr {lr:.2e} "
-                                    f"{log['tokens_seen'] / log['train_time_s']:.0f} tok/s")
-                if step % cfg.eval_interval == 0:
-                    validate(step)
-                    if on_last is not None:
-                        on_last(snapshot())
+        while True:
+            progress = max(step / cfg.max_steps if cfg.max_steps else 0.0,
+                           elapsed / (60 * cfg.time_budget) if cfg.time_budget else 0.0)
+            if progress >= 1.0 or log["signal"]:
+                break
+            lr = learning_rate(step, progress, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0, loss_sum = time.perf_counter(), 0.0
+            for micro in range(cfg.grad_accum):
+                inputs, targets = trainkit.local_share(*next(batches))  # this process's rows of the batch
+                inputs, targets = inputs.to(device), targets.to(device)
+                with trainkit.sync_gradients(ddp_model, now=micro == cfg.grad_accum - 1):
+                    with precision.autocast():
+                        logits = ddp_model(inputs)
+                    loss = cross_entropy(logits, targets, cfg.label_smoothing)
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                loss_sum += loss.item() / cfg.grad_accum
+            # Agreed by all processes: the loss (a NaN anywhere stops all), the time (the first to reach
+            # the budget stops all) and a stop signal received by any of them.
+            (loss_sum,) = trainkit.all_reduce([loss_sum / trainkit.world_size()])
+            elapsed, signum = trainkit.all_reduce([time.perf_counter() - clock, stop.signum], op="max")
+            if not math.isfinite(loss_sum):
+                log["status"] = "nan"
+                tqdm.write(f"step {step}: the loss is {loss_sum}; stopping (the last good checkpoint is kept)")
+                break
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)  # fp16: skipped when a gradient overflowed (the scale then shrinks)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            log["train_time_s"] += time.perf_counter() - t0
+            log["elapsed_s"], log["signal"] = elapsed, int(signum)
+            log["tokens_seen"] += cfg.grad_accum * inputs.numel() * trainkit.world_size()
+            log["recent_losses"] = (log["recent_losses"] + [loss_sum])[-50:]
+            bar.n = round(100 * progress, 1)
+            bar.set_postfix_str(f"step {step} loss {loss_sum:.3f} lr {lr:.2e} "
+                                f"{log['tokens_seen'] / log['train_time_s']:.0f} tok/s")
+            if step % cfg.eval_interval == 0:
+                validate(step)
+                if on_last is not None:
+                    on_last(snapshot())
     except KeyboardInterrupt:  # a second Ctrl-C, in the middle of a step: no resumable state
         log["status"] = "interrupted"
         tqdm.write("interrupted: evaluating and saving what was trained so far")
     finally:
+        stop.remove()
         bar.close()
     log["steps"] = step
     if log["signal"]:  # SIGTERM or Ctrl-C: save where it stopped; validation waits for the resumed run

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import itertools
 import os
 import random
 import signal
@@ -24,6 +25,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.utils.data.distributed import DistributedSampler
 
 # ----------------------------------------------------------------------------------------------------
 # Precision: fp32, or autocast to bf16 / fp16
@@ -159,14 +161,15 @@ def launched_by_torchrun() -> bool:
 def init_distributed(device: torch.device) -> torch.device:
     """Join the process group torchrun prepared (NCCL between GPUs, gloo on CPUs) and return this process's
     device: cuda:LOCAL_RANK on GPUs. Without torchrun: nothing to join, the device is returned unchanged."""
-    if not launched_by_torchrun() or dist.is_initialized():
+    if not launched_by_torchrun():
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise ValueError(f"torchrun: no distributed backend for {device.type}; use --device cuda or cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
 
 
@@ -208,6 +211,26 @@ def local_share(*batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
     used twice and all rows are used once."""
     n = world_size()
     return tuple(b.chunk(n)[rank()] if n > 1 else b for b in batches)
+
+
+class EpochSampler(DistributedSampler):
+    """torch's DistributedSampler (this process's share of a shuffle seeded by seed + epoch; set_epoch before
+    each epoch) that hands out (epoch, index) pairs, so a dataset can seed each item's augmentation by both,
+    and that can begin an epoch part-way (`start`, in this process's items) for a resumed run.
+
+    Process r of N takes the shuffled indices r, r + N, r + 2N, ...; its k-th batch of B/N indices and the
+    other processes' k-th batches together hold exactly the k-th batch of B of one process."""
+
+    def __init__(self, n_items: int, seed: int) -> None:
+        super().__init__(range(n_items), num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed,
+                         drop_last=True)
+        self.start = 0
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in itertools.islice(super().__iter__(), self.start, None))
+
+    def __len__(self) -> int:
+        return super().__len__() - self.start
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -281,7 +304,8 @@ def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class StopRequest:
-    """Within `with StopRequest() as stop:`, SIGINT and SIGTERM set stop.signum instead of ending the process.
+    """Between stop = StopRequest().install() and stop.remove() (or within `with StopRequest() as stop:`), SIGINT
+    and SIGTERM set stop.signum instead of ending the process.
 
     A second Ctrl-C stops at once (KeyboardInterrupt), except under torchrun, which passes the terminal's
     Ctrl-C on to its processes a second time. Handlers can only be set from the main thread; elsewhere the
@@ -293,15 +317,21 @@ class StopRequest:
         self.signum = 0
         self._previous: dict = {}
 
-    def __enter__(self) -> "StopRequest":
+    def install(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
-    def __exit__(self, *exc) -> None:
+    def remove(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
     def _handle(self, signum, frame) -> None:
         if self.signum and signum == signal.SIGINT and not launched_by_torchrun():

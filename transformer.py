@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -30,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import trainkit
 from trainkit import PRECISIONS, Precision, choose_precision
 
 # --------------------------------------------------------------------------------------------------------------
@@ -395,16 +397,23 @@ def load_splits(args: argparse.Namespace, need_train: bool = True):
 
 
 class AugmentedImages(torch.utils.data.Dataset):
-    """Training images from the uint8 cache, each augmented on its own (random crop, flip, colour)."""
+    """Training images from the uint8 cache, each augmented on its own (random crop, flip, colour).
 
-    def __init__(self, cache: ImageCache, transform) -> None:
-        self.cache, self.transform = cache, transform
+    Items are asked for as (epoch, index) (trainkit.EpochSampler) and each augmentation is seeded by the seed, the
+    epoch and the index: an image gets the same crop whichever process or DataLoader worker draws it, so N
+    processes train on exactly the images one would, and a resumed run on those the stopped run would have."""
+
+    def __init__(self, cache: ImageCache, transform, seed: int = 0) -> None:
+        self.cache, self.transform, self.seed = cache, transform, seed
 
     def __len__(self) -> int:
         return len(self.cache)
 
-    def __getitem__(self, i: int):
-        return self.transform(self.cache.images[i]), self.cache.labels[i]
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        with torch.random.fork_rng(devices=[]):  # the global generator is left as it was
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * len(self) + i)
+            return self.transform(self.cache.images[i]), self.cache.labels[i]
 
 
 def train_transform(image_size: int, augment: str):
@@ -485,7 +494,9 @@ def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, n: int) -> list[
 def evaluate(model: VisionTransformer, cache: ImageCache, class_names: list[str], device: torch.device,
              precision: Precision | None = None, tta: bool = False) -> dict:
     """Accuracy, per-class accuracy and confusion matrix of `model` on a cached split."""
-    preds = predict_logits(model, cache.images, device, precision, tta=tta).argmax(-1)
+    part = trainkit.shard_rows(len(cache))  # under torchrun each process predicts every N-th image
+    preds = trainkit.gather_rows(predict_logits(model, cache.images[part], device, precision, tta=tta).argmax(-1),
+                                 len(cache))
     cm = confusion_matrix(cache.labels, preds, len(class_names))
     per_class = {name: (row[i] / sum(row) if sum(row) else float("nan")) for i, (name, row) in
                  enumerate(zip(class_names, cm))}
@@ -496,11 +507,9 @@ def evaluate(model: VisionTransformer, cache: ImageCache, class_names: list[str]
 def save_checkpoint(path: Path, model: VisionTransformer, class_names: list[str], extra: dict) -> None:
     """state_dict + config as a plain dict + class names, written to a temporary file and renamed, so a
     crash or Ctrl-C never leaves half a checkpoint behind. Loads with torch.load(weights_only=True)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"model": state, "config": asdict(model.config), "class_names": list(class_names), **extra}, tmp)
-    os.replace(tmp, path)
+    trainkit.atomic_save({"model": state, "config": asdict(model.config), "class_names": list(class_names), **extra},
+                         path)
 
 
 def load_checkpoint(path: Path, device: torch.device) -> tuple[VisionTransformer, list[str]]:
@@ -552,7 +561,7 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
     from tqdm.auto import tqdm
 
     seed_everything(args.seed)
-    device = pick_device(args.device)
+    device = trainkit.init_distributed(pick_device(args.device))  # under torchrun: join the other processes
     out_dir = Path(args.output_dir)
     ckpt_path = Path(args.checkpoint) if args.checkpoint else out_dir / "vit_cats_vs_dogs.pth"
 
@@ -568,22 +577,40 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
     print(f"data: {len(train_cache)} train / {len(val_cache)} validation images, classes {class_names}, "
           f"{skipped} unreadable files skipped, decoded in {data_seconds:.1f}s")
 
-    precision = pick_precision(args.precision, device, config, args.batch_size)
+    try:
+        local_batch = trainkit.per_process_batch(args.batch_size)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    # Measured on rank 0 and used by all: every process must compute in the same precision.
+    precision = trainkit.same_on_all(pick_precision(args.precision, device, config, local_batch))
     print(precision.describe())
+    print(f"batch: {args.batch_size} images per step, {trainkit.world_size()} process(es) x {local_batch}")
     model = VisionTransformer(config).to(device)
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {config.n_patches + 1} tokens, device "
           f"{device.type}, {precision.name}, threads {torch.get_num_threads()}")
     optimizer = model.configure_optimizer(args.lr, args.weight_decay)
     scaler = precision.grad_scaler()  # fp16 only: loss scaling; for fp32 and bf16 it passes calls through
+    g = torch.Generator().manual_seed(args.seed)
+    last_path = trainkit.last_checkpoint_path(ckpt_path)
+    state = read_resume_state(last_path, config, args) if args.resume else None
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"] and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
+    # Under torchrun, DistributedDataParallel averages the gradients over the processes in backward.
     # torch.compile fuses the small elementwise ops (LayerNorm, GELU, softmax) between the matmuls; the compiled
     # module shares its parameters with `model`, so checkpoints and evaluation use `model` as usual.
-    forward = torch.compile(model) if args.compile else model
+    forward = trainkit.wrap_ddp(model, device)
+    forward = torch.compile(forward) if args.compile else forward
 
-    g = torch.Generator().manual_seed(args.seed)
+    # Each process draws its share of every global batch: the sampler shuffles by seed and epoch.
+    sampler = trainkit.EpochSampler(len(train_cache), args.seed)
     loader = torch.utils.data.DataLoader(
-        AugmentedImages(train_cache, train_transform(config.image_size, args.augment)),
-        batch_size=args.batch_size, shuffle=True, drop_last=len(train_cache) > args.batch_size, generator=g,
-        num_workers=args.workers, persistent_workers=args.workers > 0)
+        AugmentedImages(train_cache, train_transform(config.image_size, args.augment), args.seed),
+        batch_size=local_batch, sampler=sampler, drop_last=len(train_cache) > args.batch_size,
+        generator=torch.Generator().manual_seed(args.seed), num_workers=args.workers,
+        persistent_workers=args.workers > 0)
     mix = None
     if args.mixup > 0 or args.cutmix > 0:
         from torchvision.transforms import v2
@@ -595,19 +622,39 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
     steps_total = args.epochs * len(loader)
     budget_s = args.time_budget * 60 if args.time_budget else None
     history, best_acc, step, images_seen, train_seconds = [], -1.0, 0, 0, 0.0
+    first_epoch, first_batch, sums, elapsed = 1, 0, (0.0, 0, 0), 0.0
+    if state:  # continue the stopped run where it stopped: epoch, batch, counts, clock and random generators
+        history, best_acc, step, images_seen, train_seconds = (state[k] for k in (
+            "history", "best_acc", "step", "images_seen", "train_seconds"))
+        first_epoch, first_batch, sums, elapsed = state["epoch"], state["batch"], tuple(state["sums"]), state["elapsed"]
+        trainkit.set_rng_state(state["rng"])
+        g.set_state(state["mix_rng"])
     train_loss = train_acc = float("nan")
-    t_train = time.perf_counter()
-    interrupted = False
+    t_train = time.perf_counter() - elapsed  # a resumed run's clock starts where the stopped one ended
+    interrupted, signum = False, 0
+    stop = trainkit.StopRequest().install()  # until stop.remove(): SIGINT and SIGTERM only raise a flag
+
+    def snapshot(epoch, batch, sums):
+        """Everything a resumed run needs to go on from batch `batch` of epoch `epoch`."""
+        return {"model": model.state_dict(), "config": asdict(config), "class_names": class_names,
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "batch": batch,
+                "sums": list(sums), "step": step, "images_seen": images_seen, "train_seconds": train_seconds,
+                "elapsed": elapsed, "history": history, "best_acc": best_acc, "rng": trainkit.rng_state(),
+                "mix_rng": g.get_state(), "args": {k: getattr(args, k) for k in RESUME_FLAGS}}
+
     try:
-        for epoch in range(1, args.epochs + 1):
+        for epoch in range(first_epoch, args.epochs + 1):
             model.train()
-            loss_sum, correct, count, t_epoch = 0.0, 0, 0, time.perf_counter()
+            sampler.set_epoch(epoch)
+            sampler.start = first_batch * local_batch if epoch == first_epoch else 0
+            loss_sum, correct, count = sums if epoch == first_epoch else (0.0, 0, 0)
+            batch, t_epoch = sampler.start // local_batch, time.perf_counter()
             bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, mininterval=1.0,
-                       disable=args.quiet or not sys.stderr.isatty())  # no bar spam in log files
+                       disable=args.quiet or not sys.stderr.isatty() or not trainkit.is_main())
             for images, labels in bar:
                 progress = step / steps_total
                 if budget_s:
-                    progress = max(progress, (time.perf_counter() - t_train) / budget_s)
+                    progress = max(progress, elapsed / budget_s)
                 lr = lr_at(min(progress, 1.0), args.lr, args.warmup)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -624,15 +671,24 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
                 nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
                 scaler.step(optimizer)  # fp16: skipped when a gradient overflowed (the scale then shrinks)
                 scaler.update()
-                step += 1
-                loss_sum += loss.item() * len(y)
-                correct += (logits.argmax(-1) == y).sum().item()
-                count += len(y)
+                step, batch = step + 1, batch + 1
+                # Sums over all processes, and agreed stops: the first to reach the time budget, or a signal
+                # to any process, stops them all after this step.
+                batch_sums = trainkit.all_reduce([loss.item() * len(y), (logits.argmax(-1) == y).sum().item(), len(y)])
+                loss_sum, correct, count = (a + b for a, b in zip((loss_sum, correct, count), batch_sums))
+                elapsed, signum = trainkit.all_reduce([time.perf_counter() - t_train, stop.signum], op="max")
                 rate = count / (time.perf_counter() - t_epoch)
                 bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.3f}", img_s=f"{rate:.0f}")
-                if budget_s and time.perf_counter() - t_train >= budget_s:
+                if signum or (budget_s and elapsed >= budget_s):
                     break
             bar.close()
+            if signum:  # SIGTERM or Ctrl-C: keep the run where it stopped; evaluation waits for the resumed run
+                train_seconds += time.perf_counter() - t_epoch
+                if trainkit.is_main():
+                    trainkit.atomic_save(snapshot(epoch, batch, (loss_sum, correct, count)), last_path)
+                    print(f"stopped by {signal.Signals(int(signum)).name} in epoch {epoch}; {last_path} holds the "
+                          f"run: add --resume to the same command to continue it", file=sys.stderr)
+                return {"signal": int(signum)}
             train_seconds += time.perf_counter() - t_epoch
             images_seen += count
             train_loss, train_acc = loss_sum / max(1, count), correct / max(1, count)
@@ -644,14 +700,21 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
                   f"{time.perf_counter() - t_train:.0f}s", flush=True)
             if val["accuracy"] > best_acc:
                 best_acc = val["accuracy"]
-                save_checkpoint(ckpt_path, model, class_names, {"epoch": epoch, "val_accuracy": best_acc})
-            if budget_s and time.perf_counter() - t_train >= budget_s:
+                if trainkit.is_main():
+                    save_checkpoint(ckpt_path, model, class_names, {"epoch": epoch, "val_accuracy": best_acc})
+            if trainkit.is_main():  # an epoch ended on the time budget counts as done: a resumed run starts the next
+                trainkit.atomic_save(snapshot(epoch + 1, 0, (0.0, 0, 0)), last_path)
+            if budget_s and elapsed >= budget_s:
                 break
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: saving and reporting what was trained so far", file=sys.stderr)
+    finally:
+        stop.remove()
 
     final = evaluate(model, val_cache, class_names, device, precision, tta=args.tta)
+    if not trainkit.is_main():  # rank 0 alone writes the checkpoint, the grid and metrics.json
+        return {}
     if final["accuracy"] > best_acc or not ckpt_path.exists():
         best_acc = final["accuracy"]
         save_checkpoint(ckpt_path, model, class_names, {"epoch": len(history), "val_accuracy": best_acc})
@@ -675,6 +738,30 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
     print_report(metrics, class_names)
     print(f"saved {ckpt_path}, {out_dir / 'metrics.json'}, {grid_path}")
     return metrics
+
+
+def read_resume_state(path: Path, config: ViTConfig, args: argparse.Namespace) -> dict:
+    """The last checkpoint of a stopped run, checked against the model and training flags of this one."""
+    if not path.is_file():
+        raise UserError(f"--resume: no last checkpoint at {path}; it is written beside --checkpoint after every "
+                        f"epoch (start without --resume)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved_config, saved_args = state["config"], state["args"]
+    except Exception as e:
+        raise UserError(f"--resume: {path} is not a last checkpoint written by transformer.py "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    try:
+        trainkit.resume_changes(saved_config, asdict(config))
+        changes = trainkit.resume_changes(saved_args, {k: getattr(args, k) for k in RESUME_FLAGS},
+                                          may_change=("epochs", "time_budget"))
+    except ValueError as e:
+        raise UserError(f"--resume {path}: {e}") from None
+    for change in changes:
+        print(f"resume: {change}")
+    print(f"resuming from {path} at epoch {state['epoch']}, step {state['step']} "
+          f"({state['elapsed']:.0f}s trained so far)")
+    return state
 
 
 def peak_rss_mb() -> float:
@@ -753,6 +840,9 @@ PRESETS: dict[str, dict] = {
                   warmup=0.1, label_smoothing=0.1, augment="light", mixup=0.0, cutmix=0.0, mix_prob=0.5,
                   cache_scale=1.25, tta=False),
 }
+# What a resumed run must share with the stopped one (the model's shape is checked too); the last two may change.
+RESUME_FLAGS = ("batch_size", "lr", "weight_decay", "warmup", "label_smoothing", "grad_clip", "augment", "mixup",
+                "cutmix", "mix_prob", "cache_scale", "seed", "max_train_samples", "epochs", "time_budget")
 CONFIG_FLAGS = ("image_size", "patch_size", "dim", "depth", "n_heads", "mlp_dim", "dropout", "attention_dropout")
 
 
@@ -818,6 +908,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--checkpoint", help="checkpoint path (default OUTPUT_DIR/vit_cats_vs_dogs.pth)")
     o.add_argument("--predict", nargs="+", metavar="IMAGE", help="print class probabilities for these images")
     o.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the validation split")
+    o.add_argument("--resume", action="store_true",
+                   help="continue the run saved in the last checkpoint beside --checkpoint (NAME.last.pth), with "
+                        "the same model and training flags; --epochs and --time-budget may change")
     return p
 
 
@@ -855,13 +948,22 @@ def main(argv: list[str] | None = None) -> int:
         elif args.eval_only:
             run_eval_only(args)
         else:
-            train(args, config)
+            try:
+                trainkit.init_distributed(pick_device(args.device))  # under torchrun: join the other processes
+            except ValueError as e:
+                raise UserError(str(e)) from None
+            with trainkit.quiet_unless_main():
+                metrics = train(args, config)
+            if metrics.get("signal"):
+                return trainkit.exit_code(metrics["signal"])
     except UserError as e:
         print(f"transformer.py: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:  # outside the training loop (which saves and reports on its own)
         print("transformer.py: interrupted; checkpoints already saved are kept", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        trainkit.teardown_distributed()
     return 0
 
 
