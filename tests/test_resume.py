@@ -186,11 +186,9 @@ def test_llama_resume_refuses_another_model_shape_and_prints_changed_budgets(tmp
 # ---------------------------------------------------------------------------------------------------- transformer.py
 
 
-@pytest.fixture(scope="module")
-def noise_images(tmp_path_factory):
+def noise_images_in(root: Path) -> Path:
     """24 training and 8 validation images of coloured noise: 3 steps of 8 per epoch."""
     gen = torch.Generator().manual_seed(0)
-    root = tmp_path_factory.mktemp("noise")
     for split, n in (("train", 12), ("validation", 4)):
         for c, cls in enumerate(("cats", "dogs")):
             (root / split / cls).mkdir(parents=True)
@@ -199,6 +197,11 @@ def noise_images(tmp_path_factory):
                 pixels[..., 2 * c] //= 3
                 Image.fromarray(pixels.numpy()).save(root / split / cls / f"{i}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def noise_images(tmp_path_factory):
+    return noise_images_in(tmp_path_factory.mktemp("noise"))
 
 
 def vit_flags(data_dir, out):
