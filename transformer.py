@@ -880,7 +880,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int)
     t.add_argument("--time-budget", type=float, metavar="MINUTES",
                    help="stop training after this many minutes (the LR schedule ends on time)")
-    t.add_argument("--batch-size", type=int)
+    t.add_argument("--batch-size", type=int, help="images per step, over all processes: under torchrun each of "
+                   "N processes takes batch-size/N of them")
     t.add_argument("--lr", type=float, help="peak learning rate of AdamW")
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--warmup", type=float, help="fraction of training spent warming the LR up")
