@@ -843,7 +843,8 @@ def run_training(args, device) -> int:
     params = ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
                        vocab_size=len(tokenizer), max_seq_len=args.max_seq_len, dropout=args.dropout)
     t0 = time.perf_counter()
-    streams = tokenize_splits(load_wikitext(args.data_dir, args.dataset, args.dataset_config), tokenizer)
+    with trainkit.main_first():  # under torchrun: one process tokenizes into the datasets cache, the others read it
+        streams = tokenize_splits(load_wikitext(args.data_dir, args.dataset, args.dataset_config), tokenizer)
     data_time = time.perf_counter() - t0
     model = Transformer(params).to(device)
     try:

@@ -198,6 +198,18 @@ def quiet_unless_main():
     return contextlib.redirect_stdout(io.StringIO())
 
 
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the block first (downloads, tokenizing into the datasets cache), then the others, which find
+    the cache filled, so no two processes write the same cache file at once. (If rank 0 fails, torchrun stops
+    the others.)"""
+    if not is_main():
+        dist.barrier()
+    yield
+    if is_main() and world_size() > 1:
+        dist.barrier()
+
+
 def per_process_batch(global_batch: int) -> int:
     """Each process's share of a global batch; the flags give the global batch whatever the process count."""
     if global_batch % world_size():

@@ -566,7 +566,8 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
     ckpt_path = Path(args.checkpoint) if args.checkpoint else out_dir / "vit_cats_vs_dogs.pth"
 
     t_start = time.perf_counter()
-    train_ds, val_ds, image_col, label_col, class_names = load_splits(args)
+    with trainkit.main_first():  # under torchrun: one process fills the datasets cache, the others read it
+        train_ds, val_ds, image_col, label_col, class_names = load_splits(args)
     if len(class_names) != config.num_classes:
         config = ViTConfig(**{**asdict(config), "num_classes": len(class_names)})
     cache_size = max(config.image_size, round(config.image_size * args.cache_scale))
