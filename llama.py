@@ -873,8 +873,8 @@ def run_training(args, device) -> int:
     trainkit.teardown_distributed()  # what follows (the test split, samples, the report) is rank 0's alone
     code = 1 if log["status"] == "nan" else trainkit.exit_code(log["signal"]) if log["signal"] else \
         130 if log["status"] == "interrupted" else 0
-    if not writes:
-        return code
+    if not writes:  # the outcome is rank 0's to report; exiting non-zero here would make torchrun stop rank 0
+        return 0
     metrics = {"status": log["status"], "steps": log["steps"],
                "final_train_loss": sum(log["recent_losses"]) / max(len(log["recent_losses"]), 1)}
     if Path(args.checkpoint).is_file() and log["val_history"]:

@@ -689,7 +689,8 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
                     trainkit.atomic_save(snapshot(epoch, batch, (loss_sum, correct, count)), last_path)
                     print(f"stopped by {signal.Signals(int(signum)).name} in epoch {epoch}; {last_path} holds the "
                           f"run: add --resume to the same command to continue it", file=sys.stderr)
-                return {"signal": int(signum)}
+                # Rank 0 reports the stop; another rank exiting non-zero would make torchrun kill rank 0 mid-save.
+                return {"signal": int(signum)} if trainkit.is_main() else {}
             train_seconds += time.perf_counter() - t_epoch
             images_seen += count
             train_loss, train_acc = loss_sum / max(1, count), correct / max(1, count)

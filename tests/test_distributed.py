@@ -21,7 +21,8 @@ NEEDS_DAY2 = pytest.mark.needs("rmsnorm", "swiglu", "causal_mask")
 SCRIPTS = Path(llama.__file__).parent  # the copy under test (the solutions, or a student's with --impl)
 
 # Runs `script` (llama or transformer) as torchrun's worker; with CLOCK_SPEEDUP set, rank 1's clock runs that many
-# times faster, so it reaches any time budget long before rank 0.
+# times faster, so it reaches any time budget long before rank 0; with SIGTERM_RANK1_AT_STEP, rank 1 alone gets
+# SIGTERM during that step.
 WORKER = """
 import os, sys, time
 sys.path.insert(0, {scripts!r})
@@ -30,6 +31,16 @@ if os.environ["RANK"] == "1" and speedup != 1:
     real, t0 = time.perf_counter, time.perf_counter()
     time.perf_counter = lambda: t0 + speedup * (real() - t0)
 import {script} as script
+term_at = int(os.environ.get("SIGTERM_RANK1_AT_STEP", 0))
+if os.environ["RANK"] == "1" and term_at:  # a preemption notice that reaches one process only
+    import signal
+    real_lr, calls = script.learning_rate, []
+    def learning_rate(*args):
+        calls.append(1)
+        if len(calls) == term_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_lr(*args)
+    script.learning_rate = learning_rate
 sys.exit(script.main(sys.argv[1:]))
 """
 
@@ -116,3 +127,18 @@ def test_vit_two_processes_train_the_same_weights_as_one(tmp_path):
     for x, y in zip(a["history"], b["history"]):
         assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-5)
         assert y["train_accuracy"] == x["train_accuracy"] and y["val_accuracy"] == x["val_accuracy"]
+
+
+@NEEDS_DAY2
+def test_llama_sigterm_to_one_rank_stops_both_after_the_step_and_saves(tmp_path, llama_flags):
+    out = tmp_path / "run"
+    run = torchrun(tmp_path, "llama", [*llama_flags, "--max-steps", "100000", "--eval-interval", "100000",
+                                       "--checkpoint", str(out / "m.pth"), "--output-dir", str(out)],
+                   SIGTERM_RANK1_AT_STEP="3")
+    # Rank 0 finishes its report and exits 143 (torchrun then fails with 1); rank 1 ends quietly with 0.
+    assert run.returncode != 0
+    failed = [line for line in run.stderr.splitlines() if "exitcode" in line]
+    assert failed and all("143" in line for line in failed), failed
+    assert "stopped by SIGTERM at step 3" in run.stderr
+    assert torch.load(out / "m.last.pth", weights_only=True)["step"] == 3
+    assert json.loads((out / "metrics.json").read_text())["status"] == "interrupted"
