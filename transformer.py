@@ -631,6 +631,8 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
         trainkit.set_rng_state(state["rng"])
         g.set_state(state["mix_rng"])
     train_loss = train_acc = float("nan")
+    if history:  # a resumed run that has no epoch left still reports the last one's figures
+        train_loss, train_acc = history[-1]["train_loss"], history[-1]["train_accuracy"]
     t_train = time.perf_counter() - elapsed  # a resumed run's clock starts where the stopped one ended
     interrupted, signum = False, 0
     stop = trainkit.StopRequest().install()  # until stop.remove(): SIGINT and SIGTERM only raise a flag

@@ -4,6 +4,7 @@ waiting at a collective fails the test instead of hanging it."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -135,10 +136,10 @@ def test_llama_sigterm_to_one_rank_stops_both_after_the_step_and_saves(tmp_path,
     run = torchrun(tmp_path, "llama", [*llama_flags, "--max-steps", "100000", "--eval-interval", "100000",
                                        "--checkpoint", str(out / "m.pth"), "--output-dir", str(out)],
                    SIGTERM_RANK1_AT_STEP="3")
-    # Rank 0 finishes its report and exits 143 (torchrun then fails with 1); rank 1 ends quietly with 0.
+    # Rank 0 finishes its report and exits 143 (torchrun then fails with 1); rank 1 ends quietly with 0, or is
+    # stopped by torchrun if it is still shutting down when rank 0 exits.
     assert run.returncode != 0
-    failed = [line for line in run.stderr.splitlines() if "exitcode" in line]
-    assert failed and all("143" in line for line in failed), failed
+    assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s+exitcode\s*: 143", run.stderr), run.stderr[-2000:]
     assert "stopped by SIGTERM at step 3" in run.stderr
     assert torch.load(out / "m.last.pth", weights_only=True)["step"] == 3
     assert json.loads((out / "metrics.json").read_text())["status"] == "interrupted"
