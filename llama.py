@@ -927,7 +927,9 @@ def load_hf_model(name_or_dir: str, device, max_seq_len: Optional[int] = None,
         dtype, why = inference_dtype(torch.device(device), checkpoint_dtype, args)
     model = build_model(asdict(args), from_hf_state_dict(hf_state, args), name_or_dir)
     del hf, hf_state
-    return model.to(device=device, dtype=dtype).eval(), why
+    for p in model.parameters():  # not model.to(dtype): that would also cast the complex rotary table to real
+        p.data = p.data.to(dtype)
+    return model.to(device).eval(), why
 
 
 def export_hf(model: Transformer, tokenizer, out_dir: str) -> list[str]:
