@@ -300,3 +300,38 @@ def test_export_of_a_missing_checkpoint_is_one_line(tmp_path, capsys):
     code, out, err = run(llama.main, ["--export-hf", str(tmp_path / "hf"), "--checkpoint",
                                       str(tmp_path / "none.pth")], capsys)
     assert code == 2 and "no checkpoint at" in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Instruct models: --chat
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def test_chat_prompt_is_the_tokenizers_template_with_the_generation_prompt(tokenizer):
+    chat = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    chat.chat_template = CHAT_TEMPLATE
+    expected = chat("<|endoftext|>user: The city\nassistant:", add_special_tokens=False)["input_ids"]
+    assert gen.encode_prompt(chat, "The city", 64, chat=True) == expected
+    assert gen.encode_prompt(chat, "The city", 64) == chat("The city")["input_ids"]
+
+
+@pytest.mark.needs(*DAY2)
+def test_cli_chat_uses_the_template_and_says_when_there_is_none(hf_dir, tokenizer, tmp_path, capsys):
+    path, hf = hf_dir
+    code, out, err = run(gen.main, ["--hf-model", path, "--chat", "--strategy", "greedy", "--max-new-tokens", "4"],
+                         capsys)
+    assert code == 0 and "no chat template; --chat is ignored" in err
+    chat = AutoTokenizer.from_pretrained(path)
+    chat.chat_template = CHAT_TEMPLATE
+    chat.save_pretrained(tmp_path)
+    ours, _ = llama.load_hf_model(path, "cpu")
+    texts, _ = gen.generate(ours, chat, "Hello", "cpu", 6, "greedy", chat=True)
+    ids = torch.tensor([gen.encode_prompt(chat, "Hello", 64, chat=True)])
+    new = hf.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+    assert texts[0] == chat.decode([t for t in new.tolist() if t != chat.eos_token_id])
+    code, out, err = run(gen.main, ["--hf-model", path, "--tokenizer", str(tmp_path), "--chat", "--strategy",
+                                    "greedy", "--max-new-tokens", "6", "--prompt", "Hello"], capsys)
+    assert code == 0 and "chat template" not in err
