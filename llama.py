@@ -956,6 +956,7 @@ def export_hf(model: Transformer, tokenizer, out_dir: str) -> list[str]:
         tokenizer.save_pretrained(tmp)
         written = sorted(os.listdir(tmp))
         for name in written:
+            os.chmod(os.path.join(tmp, name), 0o644)  # readable like any saved model (the temp folder's are private)
             os.replace(os.path.join(tmp, name), out / name)
     return written
 
