@@ -11,6 +11,8 @@ Run it:
     python llama.py                                    # WikiText-2 and GPT-2's tokenizer from the Hub
     python llama.py --data-dir ../shared/data/wikitext-2-raw-local --tokenizer ../shared/data/gpt2-tokenizer
     python llama.py --eval-only --checkpoint llama_wikitext_trained.pth --split test  [same data flags]
+    python llama.py --eval-only --hf-model HuggingFaceTB/SmolLM2-135M      # a real Llama checkpoint's perplexity
+    python llama.py --export-hf llama_hf                                     # ours for from_pretrained / pipeline
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@
     python transformer.py --dataset uoft-cs/cifar10 --image-size 32 --patch-size 4
     python transformer.py --predict cat.jpg dog.jpg         # class probabilities from the saved checkpoint
     python transformer.py --eval-only --checkpoint runs/vit/vit_cats_vs_dogs.pth --data-dir DIR
+    python transformer.py --pretrained vit_b_16 --finetune head --data-dir DIR   # from torchvision's ImageNet ViT
 
 The file reads top to bottom: config, components (patch embedding, attention, MLP, encoder block), the model,
 data (decoded once into an in-memory uint8 cache, augmented on tensors), training and evaluation, the CLI.
