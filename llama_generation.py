@@ -106,7 +106,7 @@ class Sampler:
             return pick_greedy(logits)
         # Hugging Face's order and arithmetic: float32 logits divided by the temperature, then the filter, then
         # one torch.multinomial draw from the softmax. With the same seed, generate(do_sample=True) then draws
-        # the same tokens from the same logits (it uses the global generator; ours is a seeded copy of it).
+        # the same tokens from the same logits (it uses the global generator, ours one seeded with the same seed).
         logits = logits.float() / self.temperature
         if self.strategy == "top_k":
             logits = filter_top_k(logits, self.top_k)
