@@ -227,6 +227,11 @@ def test_unsupported_checkpoints_are_refused_in_one_line(refused_dirs, tmp_path,
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_hf_model_without_eval_only_says_what_to_add(hf_dir, capsys):
+    code, out, err = run(llama.main, ["--hf-model", hf_dir[0]], capsys)
+    assert code == 2 and "add --eval-only" in err and len(err.strip().splitlines()) == 1
+
+
 # ----------------------------------------------------------------------------------------------------
 # Export
 
