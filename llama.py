@@ -927,11 +927,23 @@ def load_hf_model(name_or_dir: str, device, max_seq_len: Optional[int] = None,
     why = f"dtype {str(dtype).removeprefix('torch.')}, as asked"
     if dtype is None:
         dtype, why = inference_dtype(torch.device(device), checkpoint_dtype, args)
-    model = build_model(asdict(args), from_hf_state_dict(hf_state, args), name_or_dir)
+    ours = {k: v.to(dtype) for k, v in from_hf_state_dict(hf_state, args).items()}
     del hf, hf_state
-    for p in model.parameters():  # not model.to(dtype): that would also cast the complex rotary table to real
-        p.data = p.data.to(dtype)
-    return model.to(device).eval(), why
+    return model_from_weights(args, ours).to(device).eval(), why
+
+
+def model_from_weights(args: ModelArgs, state: dict[str, torch.Tensor]) -> Transformer:
+    """A Transformer that takes these tensors as its parameters, without first allocating and randomly
+    initialising its own (for a 1B model that would cost 5 GB and seconds): it is built on the "meta" device
+    (shapes only), then load_state_dict(assign=True) puts the tensors in place."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict(state, assign=True)
+    if args.tie_embeddings:  # assign gave the two names two Parameter objects: make them one again
+        model.output.weight = model.tok_embeddings.weight
+    # The rotary table is no parameter (and complex): compute it for real, in float32 whatever the weights' dtype.
+    model.freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling)
+    return model
 
 
 def export_hf(model: Transformer, tokenizer, out_dir: str) -> list[str]:

@@ -76,6 +76,8 @@ def run(main, argv, capsys):
 def test_imported_logits_equal_hf_llama_for_causal_lm(hf_dir):
     path, hf = hf_dir
     ours, _ = llama.load_hf_model(path, "cpu")
+    assert (ours.output.weight is ours.tok_embeddings.weight) == hf.config.tie_word_embeddings  # one matrix
+    assert not any(p.is_meta for p in ours.parameters()) and not ours.freqs_cis.is_meta
     tokens = torch.randint(0, hf.config.vocab_size, (2, 100), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         diff = (ours(tokens) - hf(tokens).logits).abs().max().item()
