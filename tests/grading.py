@@ -173,7 +173,7 @@ def attention_diagnosis(MultiHeadSelfAttention: type) -> str:
     except Exception as e:  # the module cannot even run on the probe: the main message says enough
         return f"(could not read the attention weights: {type(e).__name__}: {e})"
     sums = weights.sum(-1)
-    lines = []
+    lines = [f"read off a module with dim 16, 2 heads (head_dim {hd}), whose values are one-hot positions:"]
     if torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
         lines.append("each query's attention weights sum to 1 (the softmax is over the keys, as it should be)")
     else:
@@ -372,9 +372,15 @@ def check_rmsnorm_bf16(RMSNorm: type) -> None:
     if isinstance(out, torch.Tensor) and out.dtype != torch.bfloat16:
         wrong("rmsnorm", f"a bfloat16 RMSNorm on a bfloat16 input returned {out.dtype}; compute in float32 if you like, "
                          "but return the input's dtype (times a bf16 weight stays bf16)")
-    expected = rms_reference(x.float(), ours.weight.float(), 1e-5)
+    x32, w32 = x.float(), ours.weight.float()
+    expected = rms_reference(x32, w32, 1e-5)
+    mistakes = {
+        "a sum of x^2 instead of its mean (every output is 1/sqrt(dim) times too small)":
+            lambda: x32 * torch.rsqrt(x32.pow(2).sum(-1, keepdim=True) + 1e-5) * w32,
+        "the weight is not applied": lambda: rms_reference(x32, 1.0, 1e-5),
+    }
     expect_close("rmsnorm", "a bfloat16 RMSNorm(32) on a bfloat16 input against the float32 formula",
-                 out.float() if isinstance(out, torch.Tensor) else out, expected, 2e-2, 2e-2)
+                 out.float() if isinstance(out, torch.Tensor) else out, expected, 2e-2, 2e-2, mistakes)
 
 
 def check_swiglu(FeedForward: type) -> None:
