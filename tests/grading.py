@@ -84,6 +84,28 @@ def expect_input_unchanged(exercise: str, what: str, before: torch.Tensor, after
         wrong(exercise, f"{what} changed its input in place; {why}")
 
 
+def expect_same_gradients(exercise: str, what: str, ours: Callable, ref: Callable, x: torch.Tensor,
+                          atol: float = 1e-4) -> None:
+    """Training works: backward through ours gives the reference's gradient with respect to the input."""
+    __tracebackhide__ = True
+    r = torch.randn(ref(x).shape, generator=torch.Generator().manual_seed(1))
+    x_ref = x.clone().requires_grad_()
+    (ref(x_ref) * r).sum().backward()
+    x_ours = x.clone().requires_grad_()
+    try:
+        (ours(x_ours * 1) * r).sum().backward()  # * 1: not a leaf, so editing the input in place is allowed
+    except RuntimeError as e:
+        hint = ("an in-place operation (+=, *=, .add_(), .mul_()) changed a tensor that autograd needs; use the "
+                "out-of-place form (x = x + y, q = q * scale)" if "inplace" in str(e) or "in-place" in str(e) else "")
+        wrong(exercise, f"{what}: the forward pass runs without gradients but fails in training: "
+                        f"{type(e).__name__}: {str(e).splitlines()[0]}", hint)
+    if x_ours.grad is None:
+        wrong(exercise, f"{what}: no gradient reaches the input (is the output detached, or built with .data?)")
+    if not close(x_ours.grad, x_ref.grad, 1e-4, atol):
+        wrong(exercise, f"{what}: the forward output is right but the gradient is not (off by up to "
+                        f"{max_error(x_ours.grad, x_ref.grad):.3g}): is part of the computation detached?")
+
+
 def randomize_(module: nn.Module, std: float = 0.2, seed: int = 0) -> nn.Module:
     """Non-trivial weights everywhere (biases and norms are often initialised to 0 or 1)."""
     g = torch.Generator().manual_seed(seed)
@@ -118,6 +140,8 @@ def check_patch_embedding(PatchEmbedding: type) -> None:
         out = emb(images.clone())
     expect_close("patch_embedding", "PatchEmbedding(4, 10, 3) on (2, 3, 12, 12) images", out, expected, 1e-5, 1e-5,
                  mistakes)
+    expect_same_gradients("patch_embedding", "PatchEmbedding(4, 10, 3)", emb, lambda im: F.unfold(
+        im, kernel_size=4, stride=4).transpose(1, 2) @ emb.proj.weight.reshape(10, -1).T + emb.proj.bias, images)
 
 
 def attention_reference(attn: nn.Module, x: torch.Tensor, scale: Optional[float] = None, softmax_dim: int = -1,
@@ -228,6 +252,8 @@ def check_attention(MultiHeadSelfAttention: type) -> None:
             extra = ""
         expect_close("attention", f"MultiHeadSelfAttention(dim={dim}, n_heads={heads}) on (B={batch}, N={seq}) "
                                   "against nn.MultiheadAttention", out, expected, 1e-5, 1e-5, mistakes, extra)
+        expect_same_gradients("attention", f"MultiHeadSelfAttention(dim={dim}, n_heads={heads})", ours,
+                              lambda t: ref(t, t, t, need_weights=False)[0], x)
 
 
 
@@ -283,6 +309,7 @@ def check_encoder_block(EncoderBlock: type) -> None:
         }
         expect_close("encoder_block", "EncoderBlock(48, 4, 96) against torchvision's EncoderBlock", out, expected,
                      1e-5, 1e-5, mistakes)
+    expect_same_gradients("encoder_block", "EncoderBlock(48, 4, 96)", ours, ref, x)
 
 
 def check_encoder_block_dropout(EncoderBlock: type) -> None:
@@ -356,6 +383,7 @@ def check_rmsnorm(RMSNorm: type) -> None:
         }
         expect_close("rmsnorm", f"RMSNorm({dim}) on {tuple(shape)} against torch.nn.RMSNorm", out, expected,
                      1e-5, 1e-5, mistakes, extra)
+        expect_same_gradients("rmsnorm", f"RMSNorm({dim})", ours, ref, x)
 
 
 def check_rmsnorm_bf16(RMSNorm: type) -> None:
@@ -409,6 +437,7 @@ def check_swiglu(FeedForward: type) -> None:
             "the SiLU is applied after the product, not to the gate alone": lambda: w2(F.silu(w1(x) * w3(x))),
         }
     expect_close("swiglu", "FeedForward(32, 96) against Hugging Face's LlamaMLP", out, expected, 1e-5, 1e-6, mistakes)
+    expect_same_gradients("swiglu", "FeedForward(32, 96)", ours, ref, x)
 
 
 def mask_violations(mask: torch.Tensor, truth: torch.Tensor, start_pos: int, limit: int = 6) -> list[str]:

@@ -147,6 +147,19 @@ def _attention(self, x, scale=None, softmax_dim=-1, merge=True, project=True):
     return self.proj(out) if project else out
 
 
+class AttentionScaleInPlace(T.MultiHeadSelfAttention):
+    def forward(self, x):  # q is a view of the qkv output: scaling it in place breaks autograd
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q *= self.scale
+        return self.proj((torch.softmax(q @ k.transpose(-2, -1), -1) @ v).transpose(1, 2).reshape(B, N, D))
+
+
+class AttentionDetached(T.MultiHeadSelfAttention):
+    def forward(self, x):
+        return _attention(self, x.detach())
+
+
 class AttentionNoScale(T.MultiHeadSelfAttention):
     def forward(self, x):
         return _attention(self, x, scale=1.0)
@@ -183,6 +196,8 @@ def test_attention_grader_accepts(impl):
     (AttentionSoftmaxOverQueries, "the softmax is over the queries"),
     (AttentionHeadsScrambled, "merged without moving them"),
     (AttentionNoProj, "self.proj is not applied"),
+    (AttentionScaleInPlace, "fails in training"),
+    (AttentionDetached, "no gradient reaches the input"),
 ])
 def test_attention_grader_rejects(impl, phrase):
     message = fails_with("attention", impl, phrase)
@@ -220,8 +235,16 @@ class BlockTorchvisionStyle(T.EncoderBlock):
         return x + y
 
 
+class BlockNewNames(T.EncoderBlock):
+    def forward(self, x):  # only the output in place: nothing autograd saved is changed
+        h = x + self.dropout(self.self_attention(self.ln_1(x)))
+        out = self.mlp(self.ln_2(h))
+        out += h
+        return out
+
+
 class BlockInPlace(T.EncoderBlock):
-    def forward(self, x):
+    def forward(self, x):  # ln_1 saved x for its backward pass; += changes it
         x += self.dropout(self.self_attention(self.ln_1(x)))
         x += self.mlp(self.ln_2(x))
         return x
@@ -262,7 +285,7 @@ class BlockSwappedNorms(T.EncoderBlock):
         return x + self.mlp(self.ln_1(x))
 
 
-@pytest.mark.parametrize("impl", [BlockAsHint, BlockTorchvisionStyle, BlockInPlace, BlockFunctionalDropout])
+@pytest.mark.parametrize("impl", [BlockAsHint, BlockTorchvisionStyle, BlockNewNames, BlockFunctionalDropout])
 def test_encoder_block_grader_accepts(impl):
     passes("encoder_block", impl)
 
@@ -273,6 +296,7 @@ def test_encoder_block_grader_accepts(impl):
     (BlockNoAttentionResidual, "attention branch is not added"),
     (BlockNoDropout, "needs self.dropout"),
     (BlockSwappedNorms, "ln_1 and ln_2 are swapped"),
+    (BlockInPlace, "use the out-of-place form"),
 ])
 def test_encoder_block_grader_rejects(impl, phrase):
     fails_with("encoder_block", impl, phrase)
