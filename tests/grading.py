@@ -485,6 +485,16 @@ def check_causal_mask(causal_mask: Callable) -> None:
             wrong("causal_mask", f"{call} is wrong:", *mask_violations(mask, truth, start_pos), hint)
 
 
+def check_causal_mask_device(causal_mask: Callable) -> None:
+    """The mask is made on the device it is asked for (the tokens' device: a GPU in training). The "meta"
+    device stands in for a GPU: tensors there have a shape and a dtype but no data."""
+    __tracebackhide__ = True
+    mask = causal_mask(4, 2, torch.device("meta"))
+    if isinstance(mask, torch.Tensor) and mask.device.type != "meta":
+        wrong("causal_mask", f"causal_mask(4, 2, device=meta) returned a mask on {mask.device}: build it on `device` "
+                             "(torch.arange(..., device=device)), or attention on a GPU fails with a device mismatch")
+
+
 def check_causal_mask_in_attention(causal_mask: Callable) -> None:
     """Used as SDPA's attn_mask, the mask gives what SDPA's own is_causal gives."""
     __tracebackhide__ = True
@@ -716,7 +726,7 @@ CHECKS = {
     "encoder_block": [check_encoder_block, check_encoder_block_dropout],
     "rmsnorm": [check_rmsnorm, check_rmsnorm_bf16],
     "swiglu": [check_swiglu],
-    "causal_mask": [check_causal_mask, check_causal_mask_in_attention],
+    "causal_mask": [check_causal_mask, check_causal_mask_in_attention, check_causal_mask_device],
     "temperature_sampling": [check_sampling_frequencies, check_sampling_seeded],
     "top_k": [check_top_k, check_top_k_with_ties],
     "top_p": [check_top_p, check_top_p_with_ties],

@@ -477,6 +477,10 @@ def mask_loops(seqlen, start_pos=0, device=None):
                         device=device)
 
 
+def mask_ignores_device(seqlen, start_pos=0, device=None):
+    return torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool).tril(diagonal=start_pos)
+
+
 def mask_strict(seqlen, start_pos=0, device=None):
     return torch.arange(start_pos + seqlen)[None, :] < torch.arange(start_pos, start_pos + seqlen)[:, None]
 
@@ -513,6 +517,7 @@ def test_causal_mask_grader_accepts(impl):
     (mask_inverted, "inverted"),
     (mask_additive, "must be boolean"),
     (mask_transposed, "sees the future key"),
+    (mask_ignores_device, "build it on `device`"),
 ])
 def test_causal_mask_grader_rejects(impl, phrase):
     fails_with("causal_mask", impl, phrase)

@@ -66,6 +66,11 @@ def test_causal_mask_in_attention_equals_sdpa_is_causal():
     grading.check_causal_mask_in_attention(llama.causal_mask)
 
 
+@pytest.mark.causal_mask
+def test_causal_mask_is_made_on_the_device_asked_for():
+    grading.check_causal_mask_device(llama.causal_mask)
+
+
 def test_rotary_embedding_keeps_norms_and_depends_only_on_relative_position():
     torch.manual_seed(0)
     freqs = llama.precompute_freqs_cis(16, 40)
