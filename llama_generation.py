@@ -53,7 +53,10 @@ def sample_with_temperature(logits: torch.Tensor, temperature: float = 1.0,
 
 
 def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits of each row (and any tied with the k-th); set the rest to -inf."""
+    """Keep the k largest logits of each row (and any tied with the k-th); set the rest to -inf.
+
+    Keeping exactly k of the tied ones is correct too; the Sampler never passes k above the vocabulary size.
+    """
     # EXERCISE top_k: find the k-th largest logit of each row (torch.topk) and mask everything below it with -inf
     k = min(k, logits.size(-1))
     kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]
@@ -65,7 +68,8 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filter: keep the most likely tokens until their probabilities add up to p; the rest -> -inf.
 
     A token is kept when the tokens more likely than it hold less than p of the mass, so the most likely
-    token always stays. Tokens tied with the last one kept are kept too, whatever their order.
+    token always stays. Tokens tied with the last one kept are kept too, whatever their order (Hugging Face
+    keeps only as many as the mass needs: correct too).
     """
     # EXERCISE top_p: sort the probabilities in descending order, keep a token while the mass before it is < p, mask the rest with -inf
     if p >= 1.0:  # everything; float rounding of the cumulative sum must not drop the tail
@@ -104,7 +108,7 @@ class Sampler:
         if self.strategy == "greedy":
             return pick_greedy(logits)
         if self.strategy == "top_k":
-            logits = filter_top_k(logits, self.top_k)
+            logits = filter_top_k(logits, min(self.top_k, logits.size(-1)))
         elif self.strategy == "top_p":
             # The nucleus is taken of the tempered distribution (as Hugging Face orders its warpers).
             logits = filter_top_p(logits / self.temperature, self.top_p) * self.temperature
