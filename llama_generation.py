@@ -54,7 +54,10 @@ def sample_with_temperature(logits: torch.Tensor, temperature: float = 1.0,
 
 
 def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits of each row (and any tied with the k-th); set the rest to -inf."""
+    """Keep the k largest logits of each row (and any tied with the k-th); set the rest to -inf.
+
+    Keeping exactly k of the tied ones is correct too; the Sampler never passes k above the vocabulary size.
+    """
     # EXERCISE top_k: find the k-th largest logit of each row (torch.topk) and mask everything below it with -inf
     k = min(k, logits.size(-1))
     kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]
@@ -66,7 +69,8 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filter: keep the most likely tokens until their probabilities add up to p; the rest -> -inf.
 
     A token is kept when the tokens more likely than it hold less than p of the mass, so the most likely
-    token always stays. Tokens tied with the last one kept are kept too, whatever their order.
+    token always stays. Tokens tied with the last one kept are kept too, whatever their order (Hugging Face
+    keeps only as many as the mass needs: correct too).
     """
     # EXERCISE top_p: sort the probabilities in descending order, keep a token while the mass before it is < p, mask the rest with -inf
     if p >= 1.0:  # everything; float rounding of the cumulative sum must not drop the tail
@@ -109,7 +113,7 @@ class Sampler:
         # the same tokens from the same logits (it uses the global generator, ours one seeded with the same seed).
         logits = logits.float() / self.temperature
         if self.strategy == "top_k":
-            logits = filter_top_k(logits, self.top_k)
+            logits = filter_top_k(logits, min(self.top_k, logits.size(-1)))
         elif self.strategy == "top_p":
             logits = filter_top_p(logits, self.top_p)  # the nucleus of the tempered distribution
         return sample_with_temperature(logits, 1.0, self.generator)
