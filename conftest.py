@@ -83,12 +83,38 @@ def pytest_terminal_summary(terminalreporter, config):
     if not results:
         return
     terminalreporter.section("exercises")
+    hints = exercise_hints(config.course_impl)
     for name, what in EXERCISES.items():
         outcomes = [o for o in results.get(name, []) if o != "skipped"]
         if outcomes:
             passed = outcomes.count("passed")
             status = "done" if passed == len(outcomes) else "not yet"
             terminalreporter.write_line(f"{status:>8}  {name:<21} {passed:>2}/{len(outcomes):<2} tests  ({what})")
+            if status == "not yet" and name in hints:
+                terminalreporter.write_line(f"{'':>10}hint: {hints[name]}")
     whole = [o for o in results.get("needs", []) if o != "skipped"]
     if whole:
         terminalreporter.write_line(f"whole-model tests (need several exercises): {whole.count('passed')}/{len(whole)} passed")
+
+
+def exercise_hints(impl_dir: Path) -> dict:
+    """name -> 'file:line  hint' from the `# EXERCISE name: hint` markers of the scripts under test, read with
+    tools/make_exercises.py's own parser; {} if the tool or a script cannot be read."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.spec_from_file_location("make_exercises", ROOT / "tools" / "make_exercises.py")
+        tool = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tool)
+        hints = {}
+        for script in tool.SCRIPTS:
+            path = impl_dir / script
+            try:
+                shown = path.relative_to(Path.cwd())
+            except ValueError:
+                shown = path
+            for region in tool.find_regions(path.read_text(), str(path)):
+                hints[region["name"]] = f"{shown}:{region['start'] + 1}  {region['hint']}"
+        return hints
+    except Exception:  # a broken marker is the tool's to report; the summary still lists the exercises
+        return {}

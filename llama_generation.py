@@ -13,6 +13,7 @@ from the previous steps instead of being recomputed.
 
     python llama_generation.py                                  # after `python llama.py`
     python llama_generation.py --tokenizer ../shared/data/gpt2-tokenizer --prompt "The river" --strategy top_p
+    python llama_generation.py --hf-model HuggingFaceTB/SmolLM2-135M      # real weights in our Transformer
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from llama import (CHECKPOINT, KVCache, Transformer, UserError, build_model, load_tokenizer, pick_device,
-                   read_checkpoint)
+from llama import (CHECKPOINT, KVCache, Transformer, UserError, build_model, load_hf_model, load_tokenizer,
+                   pick_device, read_checkpoint)
 
 STRATEGIES = ("greedy", "sample", "top_k", "top_p")
 
@@ -53,7 +54,10 @@ def sample_with_temperature(logits: torch.Tensor, temperature: float = 1.0,
 
 
 def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits of each row (and any tied with the k-th); set the rest to -inf."""
+    """Keep the k largest logits of each row (and any tied with the k-th); set the rest to -inf.
+
+    Keeping exactly k of the tied ones is correct too; the Sampler never passes k above the vocabulary size.
+    """
     # EXERCISE top_k: find the k-th largest logit of each row (torch.topk) and mask everything below it with -inf
     k = min(k, logits.size(-1))
     kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]
@@ -65,7 +69,8 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filter: keep the most likely tokens until their probabilities add up to p; the rest -> -inf.
 
     A token is kept when the tokens more likely than it hold less than p of the mass, so the most likely
-    token always stays. Tokens tied with the last one kept are kept too, whatever their order.
+    token always stays. Tokens tied with the last one kept are kept too, whatever their order (Hugging Face
+    keeps only as many as the mass needs: correct too).
     """
     # EXERCISE top_p: sort the probabilities in descending order, keep a token while the mass before it is < p, mask the rest with -inf
     if p >= 1.0:  # everything; float rounding of the cumulative sum must not drop the tail
@@ -103,12 +108,15 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if self.strategy == "greedy":
             return pick_greedy(logits)
+        # Hugging Face's order and arithmetic: float32 logits divided by the temperature, then the filter, then
+        # one torch.multinomial draw from the softmax. With the same seed, generate(do_sample=True) then draws
+        # the same tokens from the same logits (it uses the global generator, ours one seeded with the same seed).
+        logits = logits.float() / self.temperature
         if self.strategy == "top_k":
-            logits = filter_top_k(logits, self.top_k)
+            logits = filter_top_k(logits, min(self.top_k, logits.size(-1)))
         elif self.strategy == "top_p":
-            # The nucleus is taken of the tempered distribution (as Hugging Face orders its warpers).
-            logits = filter_top_p(logits / self.temperature, self.top_p) * self.temperature
-        return sample_with_temperature(logits, self.temperature, self.generator)
+            logits = filter_top_p(logits, self.top_p)  # the nucleus of the tempered distribution
+        return sample_with_temperature(logits, 1.0, self.generator)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -121,12 +129,12 @@ def sampling_distribution(logits: torch.Tensor, sampler: Sampler) -> torch.Tenso
     A token the filter removed has probability exactly 0; the others are renormalised to sum to 1."""
     if sampler.strategy == "greedy":
         return F.one_hot(pick_greedy(logits)[..., 0], logits.shape[-1]).float()
-    t = sampler.temperature
+    logits = logits.float() / sampler.temperature
     if sampler.strategy == "top_k":
-        logits = filter_top_k(logits, sampler.top_k)
+        logits = filter_top_k(logits, min(sampler.top_k, logits.size(-1)))
     elif sampler.strategy == "top_p":
-        logits = filter_top_p(logits / t, sampler.top_p) * t
-    return F.softmax(logits.float() / t, dim=-1)
+        logits = filter_top_p(logits, sampler.top_p)
+    return F.softmax(logits, dim=-1)
 
 
 @dataclass
@@ -239,10 +247,17 @@ def pad_prompts(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.
     return tokens, (n_pad if bool(n_pad.any()) else None)
 
 
-def encode_prompt(tokenizer, prompt: str, max_seq_len: int) -> list[int]:
-    """Token ids of the prompt. An empty prompt starts from the end-of-text token, as GPT-2 does; a prompt
-    too long for the model keeps its last max_seq_len - 1 tokens (with a note on stderr)."""
-    ids = tokenizer(prompt)["input_ids"]
+def encode_prompt(tokenizer, prompt: str, max_seq_len: int, chat: bool = False) -> list[int]:
+    """Token ids of the prompt, with whatever the tokenizer adds itself (Llama's BOS; nothing for GPT-2).
+    chat: the prompt as a user's message in the tokenizer's chat template, ready for the assistant's answer.
+    An empty prompt starts from the end-of-text token, as GPT-2 does; a prompt too long for the model keeps
+    its last max_seq_len - 1 tokens (with a note on stderr)."""
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template holds its own BOS
+    else:
+        ids = tokenizer(prompt)["input_ids"]
     if not ids:
         if tokenizer.eos_token_id is None:
             raise UserError("the prompt is empty and the tokenizer has no end-of-text token to start from")
@@ -257,11 +272,13 @@ def encode_prompt(tokenizer, prompt: str, max_seq_len: int) -> list[int]:
 def generate(model: Transformer, tokenizer, prompt, device, max_length: int = 50, strategy: str = "greedy",
              temperature: float = 1.0, top_k: int = 50, top_p: float = 0.9, seed: Optional[int] = None,
              num_samples: int = 1, stream: Optional[Callable[[str], None]] = None,
+             chat: bool = False,
              on_choice: Optional[Callable[[torch.Tensor, torch.Tensor, Sampler], None]] = None) -> tuple[list[str], str]:
     """Continue `prompt` (a string, or a list of them decoded as one batch) by up to max_length new tokens;
     returns (continuations, stop reason), num_samples per prompt, the first prompt's first.
 
-    stream, if given, receives each new piece of text as it is decoded (first continuation only);
+    stream, if given, receives each new piece of text as it is decoded (first continuation only).
+    chat: each prompt is wrapped in the tokenizer's chat template (see encode_prompt).
     on_choice(logits, chosen tokens, sampler), if given, is called at every step after the choice.
     """
     generator = torch.Generator(device=device)
@@ -269,7 +286,7 @@ def generate(model: Transformer, tokenizer, prompt, device, max_length: int = 50
         generator.manual_seed(seed)
     sampler = Sampler(strategy, temperature, top_k, top_p, generator)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    rows = [encode_prompt(tokenizer, p, model.params.max_seq_len) for p in prompts for _ in range(num_samples)]
+    rows = [encode_prompt(tokenizer, p, model.params.max_seq_len, chat) for p in prompts for _ in range(num_samples)]
     pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0  # never attended to
     prompt_ids, n_pad = pad_prompts(rows, pad_id, device)
     shown, pieces = [0], []
@@ -358,12 +375,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--show-probs", type=int, nargs="?", const=3, default=0, metavar="STEPS",
                    help="for the first STEPS steps (3 without a number) print the most likely next tokens with "
                         "their probabilities before and after the strategy's temperature and filter")
+    r = p.add_argument_group("real weights")
+    r.add_argument("--hf-model", metavar="NAME_OR_DIR", help="any Hugging Face LlamaForCausalLM (Hub name or local "
+                   "folder) in our Transformer, with its own tokenizer, instead of --checkpoint")
+    r.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template "
+                   "(instruct models)")
     bare = p.add_argument_group("for a bare state_dict without ModelArgs (the original course format)")
     bare.add_argument("--n-heads", type=int)
     bare.add_argument("--n-kv-heads", type=int)
-    bare.add_argument("--max-seq-len", type=int)
+    bare.add_argument("--max-seq-len", type=int, help="with --hf-model: positions the KV cache holds (default: "
+                      f"the model's max_position_embeddings, at most {HF_DEFAULT_CONTEXT})")
     bare.add_argument("--multiple-of", type=int)
     return p.parse_args(argv)
+
+
+HF_DEFAULT_CONTEXT = 4096  # a Llama 3.2 allows 131,072 positions: 4 GiB of KV cache for the 1B model in bf16
+
+
+def load_hf(args, device) -> tuple[Transformer, object]:
+    """--hf-model: the checkpoint in our Transformer, in its own dtype where the device is fast in it (see
+    llama.inference_dtype), and its tokenizer."""
+    model, why = load_hf_model(args.hf_model, device, args.max_seq_len or HF_DEFAULT_CONTEXT)
+    tokenizer = load_tokenizer(args.tokenizer or args.hf_model)
+    print(f"{args.hf_model}: {model.num_params() / 1e6:.1f}M parameters, "
+          f"{str(model.output.weight.dtype).removeprefix('torch.')} ({why}), context {model.params.max_seq_len}",
+          file=sys.stderr)
+    return model, tokenizer
 
 
 def run(args) -> int:
@@ -375,9 +412,15 @@ def run(args) -> int:
     for strategy in strategies:
         Sampler(strategy, args.temperature, args.top_k, args.top_p)  # check the flags before loading anything
     device = pick_device(args.device)
-    model, ckpt = load_model(args.checkpoint, device, args.n_heads, args.n_kv_heads, args.max_seq_len,
-                             args.multiple_of)
-    tokenizer = load_tokenizer(args.tokenizer or ckpt.get("tokenizer") or "gpt2")
+    if args.hf_model:
+        model, tokenizer = load_hf(args, device)
+    else:
+        model, ckpt = load_model(args.checkpoint, device, args.n_heads, args.n_kv_heads, args.max_seq_len,
+                                 args.multiple_of)
+        tokenizer = load_tokenizer(args.tokenizer or ckpt.get("tokenizer") or "gpt2")
+    chat = args.chat and tokenizer.chat_template is not None
+    if args.chat and not chat:
+        print("note: the tokenizer has no chat template; --chat is ignored", file=sys.stderr)
     if len(tokenizer) > model.params.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model was trained with "
                         f"{model.params.vocab_size}; pass the --tokenizer it was trained with")
@@ -387,7 +430,7 @@ def run(args) -> int:
         stream = lambda piece: print(piece, end="", flush=True)  # noqa: E731
         texts, reason = generate(model, tokenizer, args.prompt, device, args.max_new_tokens, strategy,
                                  args.temperature, args.top_k, args.top_p, args.seed, args.num_samples, stream,
-                                 show_probs(args.show_probs, tokenizer))
+                                 chat, show_probs(args.show_probs, tokenizer))
         print()
         for i, text in enumerate(texts[1:], start=1):  # the rest of the batch, after the streamed first
             prompt_index, sample = divmod(i, args.num_samples)

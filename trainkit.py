@@ -1,6 +1,8 @@
 """Plumbing that both training scripts need and that no lesson teaches.
 
     Precision       which arithmetic a run uses (fp32, bf16 or fp16 autocast), chosen by measuring
+    Distributed     torchrun's processes: init/teardown, each process's share of a batch, agreeing on a number
+    Stop and resume SIGINT/SIGTERM as a request to stop after the step, atomic saves, RNG states, resume checks
     Pictures        loss and accuracy curves, attention maps over images: PNGs written atomically
 
 The lessons (transformer.py, llama.py) import what they need from here; a student reads one lesson file and
@@ -11,14 +13,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
+import itertools
 import math
 import os
+import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
+from torch.utils.data.distributed import DistributedSampler
 
 # ----------------------------------------------------------------------------------------------------
 # Precision: fp32, or autocast to bf16 / fp16
@@ -134,6 +143,277 @@ def choose_precision(flag: str, device: torch.device, matmul_shape: tuple[int, i
             return Precision("bf16", kind, f"bf16 autocast measured {ratio:.2f}x fp32 on this CPU, {shape} matmul")
         return Precision("fp32", kind, f"bf16 autocast measured {ratio:.2f}x fp32 on this CPU, {shape} matmul")
     return Precision("fp32", kind, f"the default on {kind}; try --precision fp16")
+
+
+# ----------------------------------------------------------------------------------------------------
+# More than one process: torchrun and DistributedDataParallel
+#
+# `torchrun --nproc_per_node=N script.py ...` starts N copies of the script and tells each who it is in
+# environment variables: RANK (0 .. WORLD_SIZE-1 over all machines), LOCAL_RANK (which GPU of this machine)
+# and WORLD_SIZE. Without torchrun none is set and everything below is a no-op: one process, as before.
+# Every process holds the whole model; each runs forward and backward on its own share of the global batch,
+# and DistributedDataParallel averages the gradients during backward, so every process takes the same
+# optimizer step as one process would on the whole batch.
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Join the process group torchrun prepared (NCCL between GPUs, gloo on CPUs) and return this process's
+    device: cuda:LOCAL_RANK on GPUs. Without torchrun: nothing to join, the device is returned unchanged."""
+    if not launched_by_torchrun():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(f"torchrun: no distributed backend for {device.type}; use --device cuda or cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Rank 0 alone writes files and shows progress; the others would only repeat it."""
+    return rank() == 0
+
+
+def quiet_unless_main():
+    """Within it, print() of every process but rank 0 goes nowhere: one copy of each line, not N."""
+    if is_main():
+        return contextlib.nullcontext()
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the block first (downloads, tokenizing into the datasets cache), then the others, which find
+    the cache filled, so no two processes write the same cache file at once. (If rank 0 fails, torchrun stops
+    the others.)"""
+    if not is_main():
+        dist.barrier()
+    yield
+    if is_main() and world_size() > 1:
+        dist.barrier()
+
+
+def per_process_batch(global_batch: int) -> int:
+    """Each process's share of a global batch; the flags give the global batch whatever the process count."""
+    if global_batch % world_size():
+        raise ValueError(f"the batch of {global_batch} does not split evenly over {world_size()} processes; "
+                         f"use a --batch-size divisible by {world_size()}")
+    return global_batch // world_size()
+
+
+def local_share(*batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """This process's rows of each global batch: process r of N takes the r-th of N equal blocks, so no row is
+    used twice and all rows are used once."""
+    n = world_size()
+    return tuple(b.chunk(n)[rank()] if n > 1 else b for b in batches)
+
+
+class EpochSampler(DistributedSampler):
+    """torch's DistributedSampler (this process's share of a shuffle seeded by seed + epoch; set_epoch before
+    each epoch) that hands out (epoch, index) pairs, so a dataset can seed each item's augmentation by both,
+    and that can begin an epoch part-way (`start`, in this process's items) for a resumed run.
+
+    Process r of N takes the shuffled indices r, r + N, r + 2N, ...; its k-th batch of B/N indices and the
+    other processes' k-th batches together hold exactly the k-th batch of B of one process."""
+
+    def __init__(self, n_items: int, seed: int) -> None:
+        super().__init__(range(n_items), num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed,
+                         drop_last=True)
+        self.start = 0
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in itertools.islice(super().__iter__(), self.start, None))
+
+    def __len__(self) -> int:
+        return super().__len__() - self.start
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The module to call in training: DistributedDataParallel around `model` under torchrun (it shares the
+    parameters, so `model` itself still serves evaluation and checkpoints), `model` itself otherwise."""
+    if world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sync_gradients(model: torch.nn.Module, now: bool):
+    """DDP all-reduces the gradients in every backward; while accumulating micro-batches only the last backward
+    of a step needs to (model.no_sync() skips the others). Put the backward inside this context."""
+    if now or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def same_on_all(obj):
+    """Rank 0's value of a picklable object on every process: for a choice made by measuring (the precision on a
+    CPU), which could come out differently in each process."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _collective_device() -> torch.device:
+    # NCCL moves CUDA tensors only; gloo CPU tensors.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    """A few numbers combined over all processes ("sum" or "max"), the same answer on every one. Anything that
+    decides whether to stop goes through here, so all processes stop at the same step and none waits forever
+    at a collective the others have left. One process: the values unchanged."""
+    if world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def shard_rows(n: int) -> slice:
+    """The rows of an n-row job that this process does (every N-th row, from its rank)."""
+    return slice(rank(), n, world_size())
+
+
+def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
+    """The whole n-row result on every process, from each process's rows shard_rows(n) (summed into zeros)."""
+    if world_size() == 1:
+        return local
+    full = torch.zeros((n, *local.shape[1:]), dtype=local.dtype, device=_collective_device())
+    full[shard_rows(n)] = local.to(full.device)
+    dist.all_reduce(full)
+    return full.to(local.device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stopping cleanly and resuming
+#
+# A cluster that preempts a job, or `docker stop`, sends SIGTERM and a few seconds later SIGKILL; Ctrl-C sends
+# SIGINT. Both only raise a flag here: the training loop finishes its step, all processes agree to stop
+# (all_reduce), rank 0 saves the `last` checkpoint, and the script exits with 128 + the signal's number
+# (130 for SIGINT, 143 for SIGTERM), as a shell reports a process killed by that signal.
+
+
+class StopRequest:
+    """Between stop = StopRequest().install() and stop.remove() (or within `with StopRequest() as stop:`), SIGINT
+    and SIGTERM set stop.signum instead of ending the process.
+
+    A second Ctrl-C stops at once (KeyboardInterrupt), except under torchrun, which passes the terminal's
+    Ctrl-C on to its processes a second time. Handlers can only be set from the main thread; elsewhere the
+    context does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict = {}
+
+    def install(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def remove(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum and signum == signal.SIGINT and not launched_by_torchrun():
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+        # os.write, not print: a signal may arrive in the middle of another print to the same stream.
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step and saving the last "
+                    f"checkpoint\n".encode())
+
+
+def exit_code(signum: int) -> int:
+    """128 + the signal's number: 130 after Ctrl-C (SIGINT), 143 after SIGTERM."""
+    return 128 + signum
+
+
+def atomic_save(obj, path) -> None:
+    """torch.save into a temporary file beside `path`, flushed to the disk, then renamed over `path`. A rename
+    within one folder is atomic, so a crash or `kill -9` at any moment leaves the previous file or the new one,
+    never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def last_checkpoint_path(best: str | Path) -> Path:
+    """Where the `last` checkpoint (for --resume) lives beside the best one: model.pth -> model.last.pth."""
+    best = Path(best)
+    return best.with_name(f"{best.stem}.last{best.suffix or '.pth'}")
+
+
+def rng_state() -> dict:
+    """Every random number generator a training step draws from (dropout, augmentations, MixUp...), as tensors
+    and plain values, so the state loads with torch.load(weights_only=True)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's GPU
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    random.setstate(_as_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def _as_tuples(x):
+    # random.setstate wants the nested tuples getstate gave; a round trip through some loaders makes lists.
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def resume_changes(saved: dict, now: dict, may_change: tuple[str, ...] = ()) -> list[str]:
+    """Compare the settings a run is resumed with against the ones it was saved with. A setting outside
+    `may_change` that differs raises ValueError naming it (the run would no longer be the one that was
+    stopped); those that may change come back as 'name: old -> new' lines to print."""
+    changes = []
+    for key in now:
+        if key in saved and saved[key] != now[key]:
+            if key not in may_change:
+                raise ValueError(f"{key} was {saved[key]!r} in the run being resumed and is {now[key]!r} now; "
+                                 f"resume with the same {key}, or start a new run without --resume")
+            changes.append(f"{key}: {saved[key]!r} -> {now[key]!r}")
+    return changes
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
     python transformer.py --dataset uoft-cs/cifar10 --image-size 32 --patch-size 4
     python transformer.py --predict cat.jpg dog.jpg         # class probabilities from the saved checkpoint
     python transformer.py --eval-only --checkpoint runs/vit/vit_cats_vs_dogs.pth --data-dir DIR
+    python transformer.py --pretrained vit_b_16 --finetune head --data-dir DIR   # from torchvision's ImageNet ViT
 
 The file reads top to bottom: config, components (patch embedding, attention, MLP, encoder block), the model,
 data (decoded once into an in-memory uint8 cache, augmented on tensors), training and evaluation, the CLI.
@@ -21,6 +22,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -30,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import trainkit
 from trainkit import PRECISIONS, Precision, choose_precision, plot_attention_maps, plot_classifier_curves
 
 # --------------------------------------------------------------------------------------------------------------
@@ -395,16 +398,23 @@ def load_splits(args: argparse.Namespace, need_train: bool = True):
 
 
 class AugmentedImages(torch.utils.data.Dataset):
-    """Training images from the uint8 cache, each augmented on its own (random crop, flip, colour)."""
+    """Training images from the uint8 cache, each augmented on its own (random crop, flip, colour).
 
-    def __init__(self, cache: ImageCache, transform) -> None:
-        self.cache, self.transform = cache, transform
+    Items are asked for as (epoch, index) (trainkit.EpochSampler) and each augmentation is seeded by the seed, the
+    epoch and the index: an image gets the same crop whichever process or DataLoader worker draws it, so N
+    processes train on exactly the images one would, and a resumed run on those the stopped run would have."""
+
+    def __init__(self, cache: ImageCache, transform, seed: int = 0) -> None:
+        self.cache, self.transform, self.seed = cache, transform, seed
 
     def __len__(self) -> int:
         return len(self.cache)
 
-    def __getitem__(self, i: int):
-        return self.transform(self.cache.images[i]), self.cache.labels[i]
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        with torch.random.fork_rng(devices=[]):  # the global generator is left as it was
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * len(self) + i)
+            return self.transform(self.cache.images[i]), self.cache.labels[i]
 
 
 def train_transform(image_size: int, augment: str):
@@ -485,7 +495,9 @@ def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, n: int) -> list[
 def evaluate(model: VisionTransformer, cache: ImageCache, class_names: list[str], device: torch.device,
              precision: Precision | None = None, tta: bool = False) -> dict:
     """Accuracy, per-class accuracy and confusion matrix of `model` on a cached split."""
-    preds = predict_logits(model, cache.images, device, precision, tta=tta).argmax(-1)
+    part = trainkit.shard_rows(len(cache))  # under torchrun each process predicts every N-th image
+    preds = trainkit.gather_rows(predict_logits(model, cache.images[part], device, precision, tta=tta).argmax(-1),
+                                 len(cache))
     cm = confusion_matrix(cache.labels, preds, len(class_names))
     per_class = {name: (row[i] / sum(row) if sum(row) else float("nan")) for i, (name, row) in
                  enumerate(zip(class_names, cm))}
@@ -496,11 +508,9 @@ def evaluate(model: VisionTransformer, cache: ImageCache, class_names: list[str]
 def save_checkpoint(path: Path, model: VisionTransformer, class_names: list[str], extra: dict) -> None:
     """state_dict + config as a plain dict + class names, written to a temporary file and renamed, so a
     crash or Ctrl-C never leaves half a checkpoint behind. Loads with torch.load(weights_only=True)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"model": state, "config": asdict(model.config), "class_names": list(class_names), **extra}, tmp)
-    os.replace(tmp, path)
+    trainkit.atomic_save({"model": state, "config": asdict(model.config), "class_names": list(class_names), **extra},
+                         path)
 
 
 def load_checkpoint(path: Path, device: torch.device) -> tuple[VisionTransformer, list[str]]:
@@ -547,17 +557,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(args: argparse.Namespace, config: ViTConfig) -> dict:
-    """Trains, validates after each epoch, keeps the best checkpoint, writes metrics.json and the grid."""
+def train(args: argparse.Namespace, config: ViTConfig, pretrained: VisionTransformer | None = None) -> dict:
+    """Trains, validates after each epoch, keeps the best checkpoint, writes metrics.json and the grid.
+    pretrained: start from this model (its size and image size, a new head for the data's classes)."""
     from tqdm.auto import tqdm
 
     seed_everything(args.seed)
-    device = pick_device(args.device)
+    device = trainkit.init_distributed(pick_device(args.device))  # under torchrun: join the other processes
     out_dir = Path(args.output_dir)
     ckpt_path = Path(args.checkpoint) if args.checkpoint else out_dir / "vit_cats_vs_dogs.pth"
 
     t_start = time.perf_counter()
-    train_ds, val_ds, image_col, label_col, class_names = load_splits(args)
+    with trainkit.main_first():  # under torchrun: one process fills the datasets cache, the others read it
+        train_ds, val_ds, image_col, label_col, class_names = load_splits(args)
+    if pretrained is not None:
+        pretrained = with_new_head(pretrained, len(class_names))
+        config = pretrained.config
     if len(class_names) != config.num_classes:
         config = ViTConfig(**{**asdict(config), "num_classes": len(class_names)})
     cache_size = max(config.image_size, round(config.image_size * args.cache_scale))
@@ -568,22 +583,40 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
     print(f"data: {len(train_cache)} train / {len(val_cache)} validation images, classes {class_names}, "
           f"{skipped} unreadable files skipped, decoded in {data_seconds:.1f}s")
 
-    precision = pick_precision(args.precision, device, config, args.batch_size)
+    try:
+        local_batch = trainkit.per_process_batch(args.batch_size)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    # Measured on rank 0 and used by all: every process must compute in the same precision.
+    precision = trainkit.same_on_all(pick_precision(args.precision, device, config, local_batch))
     print(precision.describe())
-    model = VisionTransformer(config).to(device)
+    print(f"batch: {args.batch_size} images per step, {trainkit.world_size()} process(es) x {local_batch}")
+    model = (VisionTransformer(config) if pretrained is None else pretrained).to(device)
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {config.n_patches + 1} tokens, device "
           f"{device.type}, {precision.name}, threads {torch.get_num_threads()}")
     optimizer = model.configure_optimizer(args.lr, args.weight_decay)
     scaler = precision.grad_scaler()  # fp16 only: loss scaling; for fp32 and bf16 it passes calls through
+    g = torch.Generator().manual_seed(args.seed)
+    last_path = trainkit.last_checkpoint_path(ckpt_path)
+    state = read_resume_state(last_path, config, args) if args.resume else None
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"] and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
+    # Under torchrun, DistributedDataParallel averages the gradients over the processes in backward.
     # torch.compile fuses the small elementwise ops (LayerNorm, GELU, softmax) between the matmuls; the compiled
     # module shares its parameters with `model`, so checkpoints and evaluation use `model` as usual.
-    forward = torch.compile(model) if args.compile else model
+    forward = trainkit.wrap_ddp(model, device)
+    forward = torch.compile(forward) if args.compile else forward
 
-    g = torch.Generator().manual_seed(args.seed)
+    # Each process draws its share of every global batch: the sampler shuffles by seed and epoch.
+    sampler = trainkit.EpochSampler(len(train_cache), args.seed)
     loader = torch.utils.data.DataLoader(
-        AugmentedImages(train_cache, train_transform(config.image_size, args.augment)),
-        batch_size=args.batch_size, shuffle=True, drop_last=len(train_cache) > args.batch_size, generator=g,
-        num_workers=args.workers, persistent_workers=args.workers > 0)
+        AugmentedImages(train_cache, train_transform(config.image_size, args.augment), args.seed),
+        batch_size=local_batch, sampler=sampler, drop_last=len(train_cache) > args.batch_size,
+        generator=torch.Generator().manual_seed(args.seed), num_workers=args.workers,
+        persistent_workers=args.workers > 0)
     mix = None
     if args.mixup > 0 or args.cutmix > 0:
         from torchvision.transforms import v2
@@ -595,21 +628,43 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
     steps_total = args.epochs * len(loader)
     budget_s = args.time_budget * 60 if args.time_budget else None
     history, best_acc, step, images_seen, train_seconds = [], -1.0, 0, 0, 0.0
+    first_epoch, first_batch, sums, elapsed = 1, 0, (0.0, 0, 0), 0.0
+    if state:  # continue the stopped run where it stopped: epoch, batch, counts, clock and random generators
+        history, best_acc, step, images_seen, train_seconds = (state[k] for k in (
+            "history", "best_acc", "step", "images_seen", "train_seconds"))
+        first_epoch, first_batch, sums, elapsed = state["epoch"], state["batch"], tuple(state["sums"]), state["elapsed"]
+        trainkit.set_rng_state(state["rng"])
+        g.set_state(state["mix_rng"])
     train_loss = train_acc = float("nan")
-    t_train = time.perf_counter()
-    interrupted = False
+    if history:  # a resumed run that has no epoch left still reports the last one's figures
+        train_loss, train_acc = history[-1]["train_loss"], history[-1]["train_accuracy"]
+    t_train = time.perf_counter() - elapsed  # a resumed run's clock starts where the stopped one ended
+    interrupted, signum = False, 0
+    stop = trainkit.StopRequest().install()  # until stop.remove(): SIGINT and SIGTERM only raise a flag
     curves_path, curves_drawn = out_dir / "vit_curves.png", -math.inf
     train_note = "on MixUp/CutMix batches" if mix is not None else ""
+
+    def snapshot(epoch, batch, sums):
+        """Everything a resumed run needs to go on from batch `batch` of epoch `epoch`."""
+        return {"model": model.state_dict(), "config": asdict(config), "class_names": class_names,
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "batch": batch,
+                "sums": list(sums), "step": step, "images_seen": images_seen, "train_seconds": train_seconds,
+                "elapsed": elapsed, "history": history, "best_acc": best_acc, "rng": trainkit.rng_state(),
+                "mix_rng": g.get_state(), "args": {k: getattr(args, k) for k in RESUME_FLAGS}}
+
     try:
-        for epoch in range(1, args.epochs + 1):
+        for epoch in range(first_epoch, args.epochs + 1):
             model.train()
-            loss_sum, correct, count, t_epoch = 0.0, 0, 0, time.perf_counter()
+            sampler.set_epoch(epoch)
+            sampler.start = first_batch * local_batch if epoch == first_epoch else 0
+            loss_sum, correct, count = sums if epoch == first_epoch else (0.0, 0, 0)
+            batch, t_epoch = sampler.start // local_batch, time.perf_counter()
             bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, mininterval=1.0,
-                       disable=args.quiet or not sys.stderr.isatty())  # no bar spam in log files
+                       disable=args.quiet or not sys.stderr.isatty() or not trainkit.is_main())
             for images, labels in bar:
                 progress = step / steps_total
                 if budget_s:
-                    progress = max(progress, (time.perf_counter() - t_train) / budget_s)
+                    progress = max(progress, elapsed / budget_s)
                 lr = lr_at(min(progress, 1.0), args.lr, args.warmup)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -626,15 +681,25 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
                 nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
                 scaler.step(optimizer)  # fp16: skipped when a gradient overflowed (the scale then shrinks)
                 scaler.update()
-                step += 1
-                loss_sum += loss.item() * len(y)
-                correct += (logits.argmax(-1) == y).sum().item()
-                count += len(y)
+                step, batch = step + 1, batch + 1
+                # Sums over all processes, and agreed stops: the first to reach the time budget, or a signal
+                # to any process, stops them all after this step.
+                batch_sums = trainkit.all_reduce([loss.item() * len(y), (logits.argmax(-1) == y).sum().item(), len(y)])
+                loss_sum, correct, count = (a + b for a, b in zip((loss_sum, correct, count), batch_sums))
+                elapsed, signum = trainkit.all_reduce([time.perf_counter() - t_train, stop.signum], op="max")
                 rate = count / (time.perf_counter() - t_epoch)
                 bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.3f}", img_s=f"{rate:.0f}")
-                if budget_s and time.perf_counter() - t_train >= budget_s:
+                if signum or (budget_s and elapsed >= budget_s):
                     break
             bar.close()
+            if signum:  # SIGTERM or Ctrl-C: keep the run where it stopped; evaluation waits for the resumed run
+                train_seconds += time.perf_counter() - t_epoch
+                if trainkit.is_main():
+                    trainkit.atomic_save(snapshot(epoch, batch, (loss_sum, correct, count)), last_path)
+                    print(f"stopped by {signal.Signals(int(signum)).name} in epoch {epoch}; {last_path} holds the "
+                          f"run: add --resume to the same command to continue it", file=sys.stderr)
+                # Rank 0 reports the stop; another rank exiting non-zero would make torchrun kill rank 0 mid-save.
+                return {"signal": int(signum)} if trainkit.is_main() else {}
             train_seconds += time.perf_counter() - t_epoch
             images_seen += count
             train_loss, train_acc = loss_sum / max(1, count), correct / max(1, count)
@@ -644,19 +709,26 @@ def train(args: argparse.Namespace, config: ViTConfig) -> dict:
             print(f"epoch {epoch:3d}  train loss {train_loss:.3f} acc {train_acc:.3f}  val acc "
                   f"{val['accuracy']:.3f}  {count / (time.perf_counter() - t_epoch):.0f} img/s  "
                   f"{time.perf_counter() - t_train:.0f}s", flush=True)
-            if time.perf_counter() - curves_drawn >= CURVES_EVERY_S:  # a drawing costs ~0.2 s; epochs can be 1 s
+            if trainkit.is_main() and time.perf_counter() - curves_drawn >= CURVES_EVERY_S:  # ~0.2 s a drawing
                 plot_classifier_curves(curves_path, history, curves_title(model, device, precision), train_note)
                 curves_drawn = time.perf_counter()
             if val["accuracy"] > best_acc:
                 best_acc = val["accuracy"]
-                save_checkpoint(ckpt_path, model, class_names, {"epoch": epoch, "val_accuracy": best_acc})
-            if budget_s and time.perf_counter() - t_train >= budget_s:
+                if trainkit.is_main():
+                    save_checkpoint(ckpt_path, model, class_names, {"epoch": epoch, "val_accuracy": best_acc})
+            if trainkit.is_main():  # an epoch ended on the time budget counts as done: a resumed run starts the next
+                trainkit.atomic_save(snapshot(epoch + 1, 0, (0.0, 0, 0)), last_path)
+            if budget_s and elapsed >= budget_s:
                 break
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: saving and reporting what was trained so far", file=sys.stderr)
+    finally:
+        stop.remove()
 
     final = evaluate(model, val_cache, class_names, device, precision, tta=args.tta)
+    if not trainkit.is_main():  # rank 0 alone writes the checkpoint, the grid and metrics.json
+        return {}
     if final["accuracy"] > best_acc or not ckpt_path.exists():
         best_acc = final["accuracy"]
         save_checkpoint(ckpt_path, model, class_names, {"epoch": len(history), "val_accuracy": best_acc})
@@ -696,6 +768,30 @@ def curves_title(model: VisionTransformer, device: torch.device, precision: Prec
     c = model.config
     return (f"transformer.py: ViT {model.num_parameters() / 1e6:.2f}M parameters ({c.image_size} px, patch "
             f"{c.patch_size}, dim {c.dim}, {c.depth} blocks), {device.type}, {precision.name}")
+
+
+def read_resume_state(path: Path, config: ViTConfig, args: argparse.Namespace) -> dict:
+    """The last checkpoint of a stopped run, checked against the model and training flags of this one."""
+    if not path.is_file():
+        raise UserError(f"--resume: no last checkpoint at {path}; it is written beside --checkpoint after every "
+                        f"epoch (start without --resume)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved_config, saved_args = state["config"], state["args"]
+    except Exception as e:
+        raise UserError(f"--resume: {path} is not a last checkpoint written by transformer.py "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    try:
+        trainkit.resume_changes(saved_config, asdict(config))
+        changes = trainkit.resume_changes(saved_args, {k: getattr(args, k) for k in RESUME_FLAGS},
+                                          may_change=("epochs", "time_budget"))
+    except ValueError as e:
+        raise UserError(f"--resume {path}: {e}") from None
+    for change in changes:
+        print(f"resume: {change}")
+    print(f"resuming from {path} at epoch {state['epoch']}, step {state['step']} "
+          f"({state['elapsed']:.0f}s trained so far)")
+    return state
 
 
 def peak_rss_mb() -> float:
@@ -850,6 +946,186 @@ def save_attention_picture(path: Path, model: VisionTransformer, images: torch.T
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Starting from pretrained weights: torchvision's ImageNet ViTs in our model, a new head for our classes
+# --------------------------------------------------------------------------------------------------------------
+
+# The head count cannot be read off the weights' shapes (it only splits dim into heads), so it comes from the
+# architecture; every other size is read off the tensors.
+PRETRAINED_HEADS = {"vit_b_16": 12, "vit_b_32": 12, "vit_l_16": 16, "vit_l_32": 16}
+
+
+def vit_config_from_torchvision_state_dict(tv_state: dict[str, torch.Tensor], n_heads: int) -> ViTConfig:
+    """The ViTConfig of a torchvision VisionTransformer's state_dict: image size from the position embedding
+    (one per patch, plus the class token), patch size and width from the patch projection, depth from the
+    blocks, MLP width from the first MLP layer, classes from the head."""
+    try:
+        dim, in_channels, patch_size, _ = tv_state["conv_proj.weight"].shape
+        grid = math.isqrt(tv_state["encoder.pos_embedding"].shape[1] - 1)
+        depth = len([k for k in tv_state if k.startswith("encoder.layers.") and k.endswith(".ln_1.weight")])
+        mlp_dim = tv_state["encoder.layers.encoder_layer_0.mlp.0.weight"].shape[0]
+        num_classes = tv_state["heads.head.weight"].shape[0]
+        return ViTConfig(image_size=grid * patch_size, patch_size=patch_size, dim=dim, depth=depth, n_heads=n_heads,
+                         mlp_dim=mlp_dim, num_classes=num_classes, in_channels=in_channels)
+    except (KeyError, ValueError, AttributeError, IndexError) as e:
+        raise UserError(f"the weights are not a torchvision VisionTransformer's state_dict ({type(e).__name__}: "
+                        f"{e})") from None
+
+
+def load_torchvision_weights(name: str, weights_path: str | None) -> dict[str, torch.Tensor]:
+    """The ImageNet weights of torchvision's `name` (IMAGENET1K_V1: 224 px), downloaded by torchvision, or a
+    state_dict saved with torch.save(model.state_dict(), PATH)."""
+    if weights_path is not None:
+        if not Path(weights_path).is_file():
+            raise UserError(f"--weights {weights_path}: no such file")
+        try:
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"--weights {weights_path}: not a readable PyTorch file ({type(e).__name__})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise UserError(f"--weights {weights_path}: expected a state_dict (torch.save(model.state_dict(), ...))")
+        return state
+    from torchvision.models import get_model_weights
+
+    try:
+        return get_model_weights(name).IMAGENET1K_V1.get_state_dict(progress=True)
+    except Exception as e:  # URLError / OSError offline
+        raise UserError(f"could not download torchvision's {name} weights ({type(e).__name__}); offline, pass "
+                        f"--weights PATH to a saved state_dict") from None
+
+
+def weights_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and std the weights were trained with, from torchvision's preset for them (no download)."""
+    from torchvision.models import get_model_weights
+
+    preset = get_model_weights(name).IMAGENET1K_V1.transforms()
+    return tuple(preset.mean), tuple(preset.std)
+
+
+def pretrained_vit(name: str, weights_path: str | None = None) -> VisionTransformer:
+    """torchvision's pretrained `name` as our VisionTransformer, its ImageNet head included: through
+    from_torchvision_state_dict, tensor for tensor, so it computes exactly what torchvision's model computes."""
+    if name not in PRETRAINED_HEADS:
+        raise UserError(f"--pretrained {name}: choose one of {', '.join(PRETRAINED_HEADS)}")
+    mean, std = weights_normalization(name)
+    if not (torch.allclose(torch.tensor(mean), torch.tensor(MEAN)) and torch.allclose(torch.tensor(std), torch.tensor(STD))):
+        raise UserError(f"{name}'s weights expect mean {mean} and std {std}; normalize() uses {MEAN}, {STD}")
+    tv_state = load_torchvision_weights(name, weights_path)
+    model = VisionTransformer(vit_config_from_torchvision_state_dict(tv_state, PRETRAINED_HEADS[name]))
+    try:
+        model.load_state_dict(from_torchvision_state_dict(tv_state))
+    except RuntimeError as e:
+        raise UserError(f"the {name} weights do not fit: {str(e).splitlines()[1].strip()[:160]}") from None
+    return model
+
+
+def with_new_head(model: VisionTransformer, num_classes: int) -> VisionTransformer:
+    """The same encoder with a fresh zero head for num_classes classes (every class starts at the same logit)."""
+    model.config = ViTConfig(**{**asdict(model.config), "num_classes": num_classes})
+    model.head = nn.Linear(model.config.dim, num_classes)
+    nn.init.zeros_(model.head.weight)
+    nn.init.zeros_(model.head.bias)
+    return model
+
+
+def class_token_features(model: VisionTransformer, images: torch.Tensor, device: torch.device,
+                         precision: Precision | None, batch_size: int = 64) -> torch.Tensor:
+    """(N, dim) float32: the final LayerNorm's class token, what the head reads, for uint8 images."""
+    head = model.head
+    model.head = nn.Identity()  # forward() then returns the class token itself
+    try:
+        return predict_logits(model, images, device, precision, batch_size)
+    finally:
+        model.head = head
+
+
+def train_linear_head(head: nn.Linear, features: torch.Tensor, labels: torch.Tensor, epochs: int, lr: float,
+                      weight_decay: float, batch_size: int, label_smoothing: float, seed: int) -> float:
+    """A linear classifier on frozen features (a "linear probe"): AdamW over shuffled mini-batches, cosine
+    learning rate. Seconds on a CPU, since the encoder ran once. Returns the last epoch's mean loss."""
+    g = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * math.ceil(len(labels) / batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    loss_sum = 0.0
+    for _ in range(epochs):
+        loss_sum = 0.0
+        for idx in torch.randperm(len(labels), generator=g).split(batch_size):
+            loss = F.cross_entropy(head(features[idx]), labels[idx], label_smoothing=label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item() * len(idx)
+    return loss_sum / len(labels)
+
+
+def run_finetune_head(args: argparse.Namespace, model: VisionTransformer) -> dict:
+    """--finetune head: the frozen encoder computes each image's class token once; only a new head is trained
+    on them. No augmentation (each image is seen once by the encoder)."""
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    out_dir = Path(args.output_dir)
+    ckpt_path = Path(args.checkpoint) if args.checkpoint else out_dir / "vit_cats_vs_dogs.pth"
+    t_start = time.perf_counter()
+    train_ds, val_ds, image_col, label_col, class_names = load_splits(args)
+    model = with_new_head(model, len(class_names)).to(device).eval()
+    size = model.config.image_size
+    train_cache = cache_split(train_ds, image_col, label_col, size, "train")
+    val_cache = cache_split(val_ds, image_col, label_col, size, "validation")
+    precision = pick_precision(args.precision, device, model.config, args.batch_size)
+    print(precision.describe())
+    print(f"model: {args.pretrained}, {model.num_parameters():,} parameters, {size}x{size} images; "
+          f"encoding {len(train_cache)} train and {len(val_cache)} validation images once")
+    t_features = time.perf_counter()
+    train_features = class_token_features(model, train_cache.images, device, precision)
+    val_features = class_token_features(model, val_cache.images, device, precision)
+    feature_seconds = time.perf_counter() - t_features
+    head = nn.Linear(model.config.dim, len(class_names))  # trained on the CPU copy of the features
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    train_loss = train_linear_head(head, train_features, train_cache.labels, args.epochs, args.lr,
+                                   args.weight_decay, args.batch_size, args.label_smoothing, args.seed)
+    model.head.load_state_dict(head.state_dict())
+    with torch.no_grad():
+        train_acc = (head(train_features).argmax(-1) == train_cache.labels).float().mean().item()
+        preds = head(val_features).argmax(-1)
+    cm = confusion_matrix(val_cache.labels, preds, len(class_names))
+    val_acc = (preds == val_cache.labels).float().mean().item()
+    save_checkpoint(ckpt_path, model, class_names, {"pretrained": args.pretrained, "finetune": "head",
+                                                    "val_accuracy": val_acc})
+    metrics = {
+        "pretrained": args.pretrained, "finetune": "head", "final_train_loss": train_loss,
+        "final_train_accuracy": train_acc, "val_accuracy": val_acc, "best_val_accuracy": val_acc,
+        "per_class_accuracy": {name: (row[i] / sum(row) if sum(row) else float("nan"))
+                               for i, (name, row) in enumerate(zip(class_names, cm))},
+        "confusion_matrix": cm, "class_names": class_names, "epochs": args.epochs,
+        # the encoder is the only real work here: "train images/s" in the report is images through it per second
+        "feature_seconds": feature_seconds, "train_images_per_second": (len(train_cache) + len(val_cache))
+        / max(feature_seconds, 1e-9),
+        "wall_seconds": time.perf_counter() - t_start, "peak_rss_mb": peak_rss_mb(),
+        "train_images": len(train_cache), "val_images": len(val_cache),
+        "skipped_files": train_cache.skipped + val_cache.skipped, "parameters": model.num_parameters(),
+        "trained_parameters": sum(p.numel() for p in head.parameters()), "config": asdict(model.config),
+        "device": device.type, "precision": precision.name, "precision_reason": precision.reason,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print_report(metrics, class_names)
+    print(f"saved {ckpt_path}, {out_dir / 'metrics.json'}")
+    return metrics
+
+
+def run_pretrained(args: argparse.Namespace, config: ViTConfig) -> dict:
+    model = pretrained_vit(args.pretrained, args.weights)
+    print(f"loaded {args.pretrained} ({'--weights ' + args.weights if args.weights else 'torchvision ImageNet'}"
+          f"): {model.config.image_size}x{model.config.image_size} images, dim {model.config.dim}, "
+          f"{model.config.depth} blocks")
+    if args.finetune == "head":
+        return run_finetune_head(args, model)
+    return train(args, config, pretrained=model)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------
 
@@ -866,7 +1142,19 @@ PRESETS: dict[str, dict] = {
                   attention_dropout=0.0, epochs=1, time_budget=None, batch_size=8, lr=1e-3, weight_decay=0.05,
                   warmup=0.1, label_smoothing=0.1, augment="light", mixup=0.0, cutmix=0.0, mix_prob=0.5,
                   cache_scale=1.25, tta=False),
+    # --pretrained (the model's sizes come from the weights). Epochs and lr depend on --finetune: see
+    # FINETUNE_DEFAULTS. Not tuned: a starting point, to be measured.
+    "finetune": dict(image_size=64, patch_size=8, dim=96, depth=4, n_heads=3, mlp_dim=192, dropout=0.0,
+                     attention_dropout=0.0, time_budget=None, batch_size=32, weight_decay=0.05, warmup=0.1,
+                     label_smoothing=0.1, augment="light", mixup=0.0, cutmix=0.0, mix_prob=0.5,
+                     cache_scale=1.15, tta=False),
 }
+# What a resumed run must share with the stopped one (the model's shape is checked too); the last two may change.
+RESUME_FLAGS = ("batch_size", "lr", "weight_decay", "warmup", "label_smoothing", "grad_clip", "augment", "mixup",
+                "cutmix", "mix_prob", "cache_scale", "seed", "max_train_samples", "epochs", "time_budget")
+# head: a linear probe on features computed once, so many cheap epochs; all: a few epochs at a small lr, so
+# the pretrained encoder is adjusted rather than overwritten.
+FINETUNE_DEFAULTS = {"head": dict(epochs=50, lr=1e-3), "all": dict(epochs=3, lr=5e-5)}
 CONFIG_FLAGS = ("image_size", "patch_size", "dim", "depth", "n_heads", "mlp_dim", "dropout", "attention_dropout")
 
 
@@ -899,12 +1187,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dropout", type=float)
     m.add_argument("--attention-dropout", type=float)
     t = p.add_argument_group("training (defaults come from --preset)")
-    t.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="'default': ~15 min on 2 CPU cores; 'smoke': seconds, for tests")
+    t.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="'default': ~15 min on 2 CPU cores; 'smoke': seconds, for tests; 'finetune': the "
+                   "default with --pretrained")
     t.add_argument("--epochs", type=int)
     t.add_argument("--time-budget", type=float, metavar="MINUTES",
                    help="stop training after this many minutes (the LR schedule ends on time)")
-    t.add_argument("--batch-size", type=int)
+    t.add_argument("--batch-size", type=int, help="images per step, over all processes: under torchrun each of "
+                   "N processes takes batch-size/N of them")
     t.add_argument("--lr", type=float, help="peak learning rate of AdamW")
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--warmup", type=float, help="fraction of training spent warming the LR up")
@@ -933,11 +1223,29 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--predict", nargs="+", metavar="IMAGE", help="print class probabilities for these images "
                    "and draw their attention maps into vit_attention_predict.png beside the checkpoint")
     o.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the validation split")
+    o.add_argument("--resume", action="store_true",
+                   help="continue the run saved in the last checkpoint beside --checkpoint (NAME.last.pth), with "
+                        "the same model and training flags; --epochs and --time-budget may change")
+    w = p.add_argument_group("pretrained weights")
+    w.add_argument("--pretrained", choices=sorted(PRETRAINED_HEADS), help="start from torchvision's ImageNet "
+                   "weights of this ViT (downloaded by torchvision), at their image size (224) with a new head")
+    w.add_argument("--weights", metavar="PATH", help="with --pretrained: a local state_dict .pth instead of the "
+                   "download")
+    w.add_argument("--finetune", choices=["head", "all"], default="head", help="head: encode every image once "
+                   "with the frozen encoder and train only the new head (minutes on a CPU); all: train everything "
+                   "(for a GPU)")
     return p
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ViTConfig]:
     args = build_parser().parse_args(argv)
+    if args.weights and not args.pretrained:
+        raise UserError("--weights needs --pretrained NAME (the architecture the weights are for)")
+    args.preset = args.preset or ("finetune" if args.pretrained else "default")
+    if args.pretrained:
+        for key, value in FINETUNE_DEFAULTS[args.finetune].items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -970,13 +1278,25 @@ def main(argv: list[str] | None = None) -> int:
         elif args.eval_only:
             run_eval_only(args)
         else:
-            train(args, config)
+            try:
+                trainkit.init_distributed(pick_device(args.device))  # under torchrun: join the other processes
+            except ValueError as e:
+                raise UserError(str(e)) from None
+            if args.pretrained and args.finetune == "head" and trainkit.world_size() > 1:
+                raise UserError("--finetune head trains in one process (the features are computed once): "
+                                "run it without torchrun")
+            with trainkit.quiet_unless_main():
+                metrics = run_pretrained(args, config) if args.pretrained else train(args, config)
+            if metrics.get("signal"):
+                return trainkit.exit_code(metrics["signal"])
     except UserError as e:
         print(f"transformer.py: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:  # outside the training loop (which saves and reports on its own)
         print("transformer.py: interrupted; checkpoints already saved are kept", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        trainkit.teardown_distributed()
     return 0
 
 

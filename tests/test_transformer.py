@@ -5,7 +5,6 @@ A test of one exercise alone carries its name (`pytest -m attention`); whole-mod
 `needs("patch_embedding", "attention", "encoder_block")`."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import grading
 import transformer as T
 
 # whole-model tests: green once all three Day 1 exercises are
@@ -43,78 +43,33 @@ def randomize_(module: nn.Module, std: float = 0.2, seed: int = 0) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------- components
 
 
+# The exercises' graded tests: the checks live in tests/grading.py (shared with the battery of correct and
+# wrong solutions in tests/test_grading.py) and say what is wrong in the exercise's terms.
+
+
 @pytest.mark.patch_embedding
 def test_patch_embedding_matches_unfold_and_matmul():
-    torch.manual_seed(0)
-    emb = randomize_(T.PatchEmbedding(patch_size=4, dim=10, in_channels=3))
-    images = torch.randn(2, 3, 12, 12)
-    # truth: cut the patches out with F.unfold (row-major), flatten each, multiply by the conv kernel as a matrix
-    patches = F.unfold(images, kernel_size=4, stride=4).transpose(1, 2)  # (B, 9, 3*4*4)
-    expected = patches @ emb.proj.weight.reshape(10, -1).T + emb.proj.bias
-    out = emb(images)
-    assert out.shape == (2, 9, 10)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    grading.check_patch_embedding(T.PatchEmbedding)
 
 
 @pytest.mark.attention
-@pytest.mark.parametrize("batch, seq, dim, heads", [(1, 1, 8, 1), (3, 7, 48, 4), (2, 65, 192, 3)])
-def test_attention_matches_nn_multiheadattention(batch, seq, dim, heads):
-    torch.manual_seed(0)
-    ours = randomize_(T.MultiHeadSelfAttention(dim, heads), std=dim ** -0.5).eval()
-    ref = nn.MultiheadAttention(dim, heads, batch_first=True).eval()
-    with torch.no_grad():  # same weights: qkv holds q, k, v stacked exactly like in_proj_weight
-        ref.in_proj_weight.copy_(ours.qkv.weight)
-        ref.in_proj_bias.copy_(ours.qkv.bias)
-        ref.out_proj.weight.copy_(ours.proj.weight)
-        ref.out_proj.bias.copy_(ours.proj.bias)
-    x = torch.randn(batch, seq, dim)
-    expected, _ = ref(x, x, x, need_weights=False)
-    torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
+def test_attention_matches_nn_multiheadattention():
+    grading.check_attention(T.MultiHeadSelfAttention)
 
 
 @pytest.mark.attention
 def test_attention_rows_mix_values_like_explicit_softmax_formula():
-    # one head, identity projections: the output must be softmax(x x^T / sqrt(d)) x, written out here by hand
-    d = 4
-    attn = T.MultiHeadSelfAttention(d, 1)
-    with torch.no_grad():
-        attn.qkv.weight.copy_(torch.cat([torch.eye(d)] * 3))
-        attn.qkv.bias.zero_()
-        attn.proj.weight.copy_(torch.eye(d))
-        attn.proj.bias.zero_()
-    x = torch.randn(1, 5, d)
-    w = torch.exp(x[0] @ x[0].T / math.sqrt(d))
-    expected = (w / w.sum(-1, keepdim=True)) @ x[0]
-    torch.testing.assert_close(attn(x)[0], expected, atol=1e-5, rtol=1e-5)
-
-
-class TorchSelfAttention(nn.Module):
-    """torch's nn.MultiheadAttention called as self-attention: stands in for ours, so the block test needs
-    only the encoder_block exercise."""
-
-    def __init__(self, mha: nn.MultiheadAttention) -> None:
-        super().__init__()
-        self.mha = mha
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mha(x, x, x, need_weights=False)[0]
+    grading.check_attention_formula(T.MultiHeadSelfAttention)
 
 
 @pytest.mark.encoder_block
 def test_encoder_block_matches_torchvision_encoderblock():
-    from torchvision.models.vision_transformer import EncoderBlock as TVBlock
+    grading.check_encoder_block(T.EncoderBlock)
 
-    torch.manual_seed(0)
-    ref = randomize_(TVBlock(num_heads=4, hidden_dim=48, mlp_dim=96, dropout=0.0, attention_dropout=0.0)).eval()
-    ours = T.EncoderBlock(48, 4, 96).eval()
-    with torch.no_grad():
-        for name in ("ln_1", "ln_2"):
-            getattr(ours, name).load_state_dict(getattr(ref, name).state_dict())
-        ours.mlp.fc1.load_state_dict(ref.mlp[0].state_dict())
-        ours.mlp.fc2.load_state_dict(ref.mlp[3].state_dict())
-    ours.self_attention = TorchSelfAttention(ref.self_attention)
-    x = torch.randn(3, 17, 48)
-    torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+
+@pytest.mark.encoder_block
+def test_encoder_block_drops_both_branches_with_dropout_one_in_training():
+    grading.check_encoder_block_dropout(T.EncoderBlock)
 
 
 # ---------------------------------------------------------------------------------------------------- whole model
