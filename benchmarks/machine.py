@@ -32,7 +32,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -47,10 +47,10 @@ def matmul_peak(device: torch.device, bf16_autocast: bool, n: int | None = None,
     best = float("inf")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
         for i in range(repeats + 1):
-            _synchronize(device)
+            synchronize(device)
             t0 = time.perf_counter()
             a @ b
-            _synchronize(device)
+            synchronize(device)
             if i:  # the first one warms up
                 best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
