@@ -90,3 +90,30 @@ def test_layout_is_measured_once_per_device_dtype_and_shape(monkeypatch):
     assert llama.transposed_output_is_faster(torch.randn(300, 16)) == first  # cached, not timed again
     llama.transposed_output_is_faster(weight.bfloat16())
     assert len(llama._TRANSPOSED_OUTPUT_IS_FASTER) == 2
+
+
+@pytest.mark.parametrize("rows", [1, 8, 50])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_over_many_chunks_matches_f_cross_entropy(rows, dtype, monkeypatch):
+    # The vocabulary of the tests is small, so the rule gives one chunk; force several, with a ragged last one.
+    monkeypatch.setattr(llama, "cross_entropy_chunk_rows", lambda vocab, device: rows)
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 37, 500) * 6).to(dtype).requires_grad_()
+    targets = torch.randint(0, 500, (3, 37))
+    ours = llama.cross_entropy(logits, targets, 0.1)
+    (ours_grad,) = torch.autograd.grad(ours, logits)
+    ref = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), label_smoothing=0.1)
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-6)
+    torch.testing.assert_close(ours_grad, ref_grad, **tol)
+
+
+def test_chunk_rows_hold_about_2_mib_of_float32_per_thread(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert [llama.cross_entropy_chunk_rows(v, cpu) for v in (8192, 32000, 50257)] == [64, 16, 8]
+    assert llama.cross_entropy_chunk_rows(10 ** 7, cpu) == 1  # never empty
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert llama.cross_entropy_chunk_rows(50257, cpu) == 16  # each thread takes half the rows
+    assert llama.cross_entropy_chunk_rows(50257, torch.device("cuda")) == 4096
