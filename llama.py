@@ -274,7 +274,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_id, start_pos, k, v)
         # softmax(q k^T / sqrt(head_dim) + mask) v; each group of n_heads/n_kv_heads query heads shares one k, v.
-        # mask CAUSAL: a fresh sequence, masked by SDPA's own is_causal (see Transformer.forward).
+        # mask CAUSAL: a fresh sequence, masked by SDPA's own is_causal (see attention_mask).
         is_causal = mask is CAUSAL
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=None if is_causal else mask, dropout_p=self.dropout if self.training else 0.0,
