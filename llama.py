@@ -190,6 +190,65 @@ def causal_mask(seqlen: int, start_pos: int = 0, device=None) -> torch.Tensor:
     # END EXERCISE
 
 
+CAUSAL = "causal"  # stands for causal_mask(seqlen, 0) where attention may let SDPA apply it (is_causal=True)
+
+
+def attention_mask(seqlen: int, start_pos: int, cache: Optional["KVCache"], device=None):
+    """What every layer's attention masks with: None (one new token sees everything cached), CAUSAL, or a
+    boolean mask (seqlen, keys), or (batch, 1, seqlen, keys) with left padding."""
+    padded = cache is not None and cache.pad is not None
+    if seqlen == 1 and not padded:
+        return None  # one new token may attend to everything cached before it
+    if start_pos == 0 and not padded:
+        # SDPA's is_causal=True hides key j from query i where j > i, both counted from the first of each:
+        # when the queries are the keys (no cache offset), that is causal_mask(seqlen, 0), and SDPA's kernels
+        # skip the masked blocks instead of reading a (seqlen, seqlen) mask.
+        return CAUSAL
+    # The explicit mask: queries offset by start_pos (is_causal would align them with the first key), or pads.
+    mask = causal_mask(seqlen, start_pos, device) if seqlen > 1 else None
+    return cache.padding_mask(mask, start_pos, seqlen) if padded else mask
+
+
+# (device, dtype, shape) -> whether one row times the output matrix runs faster with the matrix transposed.
+_TRANSPOSED_OUTPUT_IS_FASTER: dict[tuple, bool] = {}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+@torch.no_grad()
+def transposed_output_is_faster(weight: torch.Tensor, repeats: int = 5) -> bool:
+    """Time one decoding step's output projection, a row times weight (vocab, dim) as nn.Linear stores it
+    against the same row times a (dim, vocab) copy, once per process for each device, dtype and shape.
+
+    Which layout a CPU's matrix-vector kernel reads faster differs between CPUs and dtypes (PyTorch's fp32
+    kernel read the transposed one twice as fast on one AMD CPU, and slower on an Intel Xeon), so it is
+    measured here rather than guessed from the CPU. It costs a few matrix-vector products and one copy.
+    """
+    key = (str(weight.device), weight.dtype, tuple(weight.shape))
+    if key not in _TRANSPOSED_OUTPUT_IS_FASTER:
+        weight = weight.detach()
+        row = torch.randn(1, weight.shape[1], device=weight.device, dtype=weight.dtype)
+        weight_t = weight.t().contiguous()
+        layouts = [lambda: F.linear(row, weight), lambda: row @ weight_t]
+        times = [[], []]
+        for i in range(repeats + 1):  # alternate, so a busy moment of the machine hits both alike
+            for layout, fn in enumerate(layouts):
+                _synchronize(weight.device)
+                t0 = time.perf_counter()
+                fn()
+                _synchronize(weight.device)
+                if i:  # the first round warms up
+                    times[layout].append(time.perf_counter() - t0)
+        as_stored, transposed = (sorted(t)[len(t) // 2] for t in times)
+        _TRANSPOSED_OUTPUT_IS_FASTER[key] = transposed < as_stored
+    return _TRANSPOSED_OUTPUT_IS_FASTER[key]
+
+
 class KVCache:
     """Keys and values of every layer for the positions decoded so far, so each new token costs one position.
 
@@ -222,15 +281,14 @@ class KVCache:
     def project(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """h @ weight.T: the output projection of the positions being decoded.
 
-        Each decoded token multiplies one row by the model's largest matrix (vocab x dim). In fp32 on a CPU,
-        PyTorch's kernel reads that matrix twice as fast laid out as (dim, vocab), so a copy in that layout
-        is made once per generation. In bf16 and on GPUs the usual layout is already the fast one.
+        Each decoded token multiplies one row by the model's largest matrix (vocab x dim). Depending on the
+        machine and dtype, a matrix-vector kernel may read that matrix faster laid out as (dim, vocab) than as
+        nn.Linear stores it; where transposed_output_is_faster measured so, a copy in that layout is made once
+        per generation and every decoding step reads it.
         """
-        if weight.dtype != torch.float32 or weight.device.type != "cpu":
-            return F.linear(h, weight)
-        if self.output_t is None:
+        if self.output_t is None and transposed_output_is_faster(weight):
             self.output_t = weight.detach().t().contiguous()
-        return h @ self.output_t
+        return F.linear(h, weight) if self.output_t is None else h @ self.output_t
 
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (batch, n_kv_heads, seqlen, head_dim) at start_pos; return all keys and values so far."""
@@ -263,9 +321,11 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_id, start_pos, k, v)
         # softmax(q k^T / sqrt(head_dim) + mask) v; each group of n_heads/n_kv_heads query heads shares one k, v.
+        # mask CAUSAL: a fresh sequence, masked by SDPA's own is_causal (see attention_mask).
+        is_causal = mask is CAUSAL
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
+            q, k, v, attn_mask=None if is_causal else mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
@@ -336,10 +396,7 @@ class Transformer(nn.Module):
             raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len={self.params.max_seq_len}")
         h = self.dropout(self.tok_embeddings(tokens))
         freqs_cis = self.freqs_cis[start_pos:start_pos + seqlen]
-        # One new token may attend to everything cached before it: no mask needed.
-        mask = causal_mask(seqlen, start_pos, tokens.device) if seqlen > 1 else None
-        if cache is not None and cache.pad is not None:
-            mask = cache.padding_mask(mask, start_pos, seqlen)
+        mask = attention_mask(seqlen, start_pos, cache, tokens.device)
         for layer in self.layers:
             h = layer(h, start_pos, freqs_cis, mask, cache)
         if cache is not None:  # the same product as self.output, with the weight laid out for decoding
@@ -499,6 +556,22 @@ class TrainConfig:
             raise UserError("give a --max-steps or a --time-budget (or both)")
 
 
+def cross_entropy_chunk_rows(vocab: int, device: torch.device) -> int:
+    """Rows of logits ChunkedCrossEntropy takes at a time.
+
+    On a CPU each chunk's float32 rows are passed over about seven times (max, subtract, exp, sum, divide,
+    ...), so they should stay in cache in between: about 2 MiB of them per thread, one core's L2 cache on
+    current x86 CPUs (1 MiB on AMD Zen 4, 1.25 to 2 MiB on Intel Xeons; each thread works on its share of the
+    rows), rounded down to a power of two. On a 2-core AMD EPYC (Zen 4), bf16 logits, one thread, the best
+    chunk held 1.6 to 2 MiB for vocabularies of 8,192, 32,000 and 50,257 (64, 16 and 8 rows), and 8 times
+    that ran 1.8x to 3.4x slower. On a GPU: big chunks, so few kernel launches.
+    """
+    if device.type != "cpu":
+        return 4096
+    rows = max(1, (2 << 20) * torch.get_num_threads() // (4 * vocab))
+    return 1 << (rows.bit_length() - 1)
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of logits (N, vocab) against targets (N,), a few rows at a time.
 
@@ -513,7 +586,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
         n, vocab = logits.shape
-        chunk = 32 if logits.device.type == "cpu" else 4096  # a CPU's cache, or few launches on a GPU
+        chunk = cross_entropy_chunk_rows(vocab, logits.device)
         loss = logits.new_zeros((), dtype=torch.float32)
         # The gradient is kept in the logits' dtype, except fp16: entries of softmax / N fall below fp16's
         # smallest number (6e-8) and would be lost before backward could apply the loss scale to them.

@@ -1,9 +1,10 @@
 """Greedy decoding speed: our KV cache vs recomputing the prefix vs Hugging Face's generate.
 
 All three run the same random weights of llama.py's default model (max_seq_len raised so 256 new tokens
-fit), batch 1, in one process, alternating, and the median of several repetitions is reported.
+fit), batch 1, in one process, alternating, and the median of several repetitions is reported, for each
+dtype asked for (the weights of both models in that dtype).
 
-    python benchmarks/bench_generation.py [--new-tokens 256] [--repeats 5] [--dtype fp32|bf16]
+    python benchmarks/bench_generation.py [--new-tokens 256] [--repeats 5] [--dtype fp32 bf16] [--json PATH]
 """
 
 import argparse
@@ -20,24 +21,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import llama  # noqa: E402
 import llama_generation as gen  # noqa: E402
 from hf_reference import to_hf_llama  # noqa: E402
+from machine import describe_machine, print_header, write_json  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--prompt-tokens", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="both models' weights")
-    args = p.parse_args(argv)
-
+def measure(args, dtype: str) -> dict:
     preset = llama.PRESETS["default"]
     torch.manual_seed(0)
     model = llama.Transformer(llama.ModelArgs(dim=preset["dim"], n_layers=preset["n_layers"],
                                               n_heads=preset["n_heads"], n_kv_heads=preset["n_kv_heads"],
                                               max_seq_len=args.prompt_tokens + args.new_tokens)).eval()
     hf = to_hf_llama(model)
-    if args.dtype == "bf16":  # halves the bytes read per token; the output matrix alone is 51 MB in fp32
-        model, hf = model.bfloat16(), hf.bfloat16()
+    # bf16 halves the bytes read per token; the output matrix alone is 51 MB in fp32
+    model, hf = model.to(DTYPES[dtype]), hf.to(DTYPES[dtype])
     prompt = torch.randint(0, model.params.vocab_size, (1, args.prompt_tokens))
 
     runners = {
@@ -62,17 +59,40 @@ def main(argv=None):
     layouts = {"as nn.Linear stores it (vocab, dim)": lambda: torch.nn.functional.linear(row, weight),
                "transposed copy (dim, vocab)": lambda: row @ weight_t}
     layout_ms = {name: 1e3 * statistics.median(_timed(fn) for _ in range(50)) for name, fn in layouts.items()}
+    chosen = "transposed copy (dim, vocab)" if llama.transposed_output_is_faster(weight) else \
+        "as nn.Linear stores it (vocab, dim)"
 
-    print(f"model: {model.num_params() / 1e6:.1f}M parameters (default preset), batch 1, {args.dtype}, "
-          f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}; identical tokens: {same}")
+    print(f"\n{dtype}: {model.num_params() / 1e6:.1f}M parameters (default preset), batch 1, "
+          f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, median of {args.repeats}; "
+          f"identical tokens: {same}")
     hf_rate = args.new_tokens / statistics.median(times["HF generate, cache"])
+    rates = {}
     for name, ts in times.items():
         rate = args.new_tokens / statistics.median(ts)
+        rates[name] = {"tokens_per_s": rate, "ratio_to_hf": rate / hf_rate}
         print(f"{name:>24}: {rate:7.1f} tokens/s   {rate / hf_rate:5.2f}x HF")
     print(f"one token's output projection ({tuple(weight.shape)} matrix), median of 50:")
     for name, ms in layout_ms.items():
-        print(f"{name:>36}: {ms:.2f} ms")
+        print(f"{name:>36}: {ms:.2f} ms" + ("   <- KVCache.project's choice here" if name == chosen else ""))
+    return {"identical_tokens": same, "decoding": rates, "output_projection_ms": layout_ms,
+            "kvcache_layout": chosen}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--prompt-tokens", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES), help="both models' weights")
+    p.add_argument("--json", metavar="PATH", help="also write the figures and the machine header to PATH")
+    args = p.parse_args(argv)
+    machine = describe_machine("cpu")
+    print_header(machine)
+    results = {"setup": {"model": "llama.py default preset", "batch_size": 1, "prompt_tokens": args.prompt_tokens,
+                         "new_tokens": args.new_tokens, "repeats": args.repeats}}
+    for dtype in args.dtype:
+        results[dtype] = measure(args, dtype)
+    write_json(args.json, machine, results)
 
 
 def _timed(fn) -> float:

@@ -5,7 +5,7 @@ two alternate (ours, theirs, ours, ...) so that drift in the machine's speed hit
 over the repetitions is reported, in fp32 and with bf16 autocast. MFU is the achieved FLOP/s (6N + 12LdT
 per token, PaLM appendix B) as a fraction of this machine's measured dense matmul peak for that dtype.
 
-    python benchmarks/bench_llama_train.py [--repeats 8] [--batch-size 16] [--seq-len 128] [--compile]
+    python benchmarks/bench_llama_train.py [--repeats 8] [--batch-size 16] [--seq-len 128] [--compile] [--json PATH]
 """
 
 import argparse
@@ -21,14 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import llama  # noqa: E402
 from hf_reference import to_hf_llama  # noqa: E402
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """Dense n x n x n matmul FLOP/s: the ceiling the model's matmuls could reach here."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * n ** 3 / best
+from machine import describe_machine, print_header, write_json  # noqa: E402
 
 
 def _timed(fn) -> float:
@@ -64,7 +57,10 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=llama.PRESETS["default"]["batch_size"])
     p.add_argument("--seq-len", type=int, default=llama.PRESETS["default"]["max_seq_len"])
     p.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
+    p.add_argument("--json", metavar="PATH", help="also write the figures and the machine header to PATH")
     args = p.parse_args(argv)
+    machine = describe_machine("cpu")
+    print_header(machine)
 
     preset = llama.PRESETS["default"]
     torch.manual_seed(0)
@@ -76,10 +72,13 @@ def main(argv=None):
     x, y = tokens[:, :-1], tokens[:, 1:]
     n_tokens = x.numel()
     flops = model.flops_per_token(args.seq_len) * n_tokens
+    setup = {"model": "llama.py default preset", "parameters": model.num_params(), "batch_size": args.batch_size,
+             "seq_len": args.seq_len, "repeats": args.repeats}
     print(f"model: default preset, {model.num_params() / 1e6:.1f}M parameters; batch {args.batch_size} x "
-          f"{args.seq_len} tokens; {torch.get_num_threads()} threads; median of {args.repeats} alternating steps")
+          f"{args.seq_len} tokens; median of {args.repeats} alternating steps")
+    results = {"setup": setup}
     for dtype, bf16 in (("fp32", False), ("bf16", True)):
-        peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32)
+        peak = 1e9 * machine["bf16_autocast_matmul_gflops" if bf16 else "fp32_matmul_gflops"]
         ours, theirs = make_steps(model, hf, x, y, bf16)
         runners = {"ours": ours, "HF": theirs}
         if args.compile:
@@ -92,11 +91,14 @@ def main(argv=None):
             for name, fn in runners.items():
                 times[name].append(_timed(fn))
         hf_rate = n_tokens / statistics.median(times["HF"])
-        print(f"\n{dtype}: matmul peak {peak / 1e9:.0f} GFLOP/s")
+        print(f"\n{dtype}:")
+        results[dtype] = {}
         for name, ts in times.items():
             rate = n_tokens / statistics.median(ts)
             mfu = flops / statistics.median(ts) / peak
+            results[dtype][name] = {"tokens_per_s": rate, "ratio_to_hf": rate / hf_rate, "mfu": mfu}
             print(f"  {name:>13}: {rate:8.0f} tokens/s  {rate / hf_rate:5.2f}x HF  MFU {100 * mfu:4.1f}%")
+    write_json(args.json, machine, results)
 
 
 if __name__ == "__main__":

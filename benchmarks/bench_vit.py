@@ -2,6 +2,7 @@
 
     python benchmarks/bench_vit.py                      # the default preset's model, batch 64, fp32 and bf16
     python benchmarks/bench_vit.py --reps 7 --steps 10 --precisions bf16
+    python benchmarks/bench_vit.py --json runs/bench_vit.json   # the figures and the machine, for comparing machines
 
 Both models get the identical configuration, batch and optimizer (AdamW). One training step = forward, cross
 entropy, backward, optimizer step. The two are measured in the same process, alternating (ours, theirs, ours,
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import transformer as T  # noqa: E402
-from trainkit import cpu_bf16_speedup  # noqa: E402
+from machine import describe_machine, print_header, write_json  # noqa: E402
 
 
 def torchvision_model(c: T.ViTConfig) -> torch.nn.Module:
@@ -73,18 +74,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--json", metavar="PATH", help="also write the figures and the machine header to PATH")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    machine = describe_machine("cpu")
+    print_header(machine)
 
     c = T.ViTConfig(image_size=args.image_size, patch_size=args.patch_size, dim=args.dim, depth=args.depth,
                     n_heads=args.n_heads, mlp_dim=args.mlp_dim, num_classes=2)
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, c.image_size, c.image_size)
     y = torch.randint(0, 2, (args.batch_size,))
-    print(f"config {c}\nbatch {args.batch_size}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{args.reps} reps x {args.steps} steps, bf16 autocast matmul speed-up: {cpu_bf16_speedup((4096, 96, 192)):.2f}x")
-    results = {}
+    print(f"config {c}\nbatch {args.batch_size}, {args.reps} reps x {args.steps} steps")
+    results = {"setup": {"config": str(c), "batch_size": args.batch_size, "reps": args.reps, "steps": args.steps,
+                         "compile": args.compile}}
     for precision in args.precisions:
         amp = torch.bfloat16 if precision == "bf16" else None
         models = {"ours": T.VisionTransformer(c), "torchvision": torchvision_model(c)}
@@ -99,11 +103,14 @@ def main(argv: list[str] | None = None) -> None:
             for name in order:
                 rates[name].append(args.batch_size * args.steps / time_steps(steps[name], args.steps))
         med = {name: statistics.median(r) for name, r in rates.items()}
-        results[precision] = med
+        results[precision] = {"ours_images_per_s": med["ours"], "torchvision_images_per_s": med["torchvision"],
+                              "ratio": med["ours"] / med["torchvision"]}
         print(f"{precision}: ours {med['ours']:.1f} img/s, torchvision {med['torchvision']:.1f} img/s, "
               f"ratio {med['ours'] / med['torchvision']:.3f}x   "
               f"(ours {[round(r) for r in rates['ours']]}, torchvision {[round(r) for r in rates['torchvision']]})")
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {results['peak_rss_mb']:.0f} MB")
+    write_json(args.json, machine, results)
 
 
 if __name__ == "__main__":
