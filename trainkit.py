@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import statistics
 import io
 import itertools
 import math
@@ -66,44 +67,52 @@ class Precision:
         return f"precision: {self.name} ({self.reason})"
 
 
-def matmul_speed(dtype: Optional[torch.dtype], shape: tuple[int, int, int], device: torch.device,
-                 seconds: float = 0.1) -> float:
-    """Measured FLOP/s of an (m, k) @ (k, n) product of fp32 tensors, plain (dtype None) or under autocast to
-    `dtype`, which includes the casts autocast makes, as in training. The best of repeated timings within
-    `seconds`, so a busy moment on a shared machine does not decide."""
+def matmul_timer(dtype: Optional[torch.dtype], shape: tuple[int, int, int], device: torch.device):
+    """A function that times one (m, k) @ (k, n) product of fp32 tensors, plain (dtype None) or under autocast
+    to `dtype`, which includes the casts autocast makes, as in training; it returns seconds."""
     m, k, n = shape
     gen = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(m, k, generator=gen).to(device)
     b = torch.randn(k, n, generator=gen).to(device)
     ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
-    def run():
+    def time_once() -> float:
+        t0 = time.perf_counter()
         with ctx:
             a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
 
-    run()  # the first call pays for kernel selection and allocation
-    best, deadline = float("inf"), time.perf_counter() + seconds
-    for i in range(100):
-        t0 = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t0)
-        if i >= 2 and time.perf_counter() > deadline:
-            break
-    return 2 * m * k * n / best
+    time_once()  # the first call pays for kernel selection and allocation
+    return time_once
+
+
+def matmul_speed(dtype: Optional[torch.dtype], shape: tuple[int, int, int], device: torch.device,
+                 seconds: float = 0.1) -> float:
+    """Measured FLOP/s of an (m, k) @ (k, n) matmul, fp32 or under autocast to `dtype` (see matmul_timer): the
+    best of repeated timings, what the hardware does when nothing else is running."""
+    time_once, deadline = matmul_timer(dtype, shape, device), time.perf_counter() + seconds
+    best = min(time_once() for _ in range(3))
+    while time.perf_counter() < deadline:
+        best = min(best, time_once())
+    return 2 * shape[0] * shape[1] * shape[2] / best
+
+
+def median_ratio(time_a, time_b, seconds: float, min_pairs: int = 5) -> float:
+    """time_a() / time_b(), the two called in turn, pair after pair for about `seconds`; the median of the
+    pairs' ratios. A busy moment of the machine slows one call of a pair, not the verdict."""
+    ratios, deadline = [], time.perf_counter() + seconds
+    while len(ratios) < min_pairs or (time.perf_counter() < deadline and len(ratios) < 1000):
+        ratios.append(time_a() / time_b())
+    return statistics.median(ratios)
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_bf16_speedup(shape: tuple[int, int, int]) -> float:
-    """bf16 autocast's speed over fp32 for a matmul of this shape on this CPU, measured once per process.
-
-    fp32 and bf16 are timed in alternation, twice each, and each keeps its best, so a moment when the other
-    core is busy does not decide."""
+def cpu_bf16_speedup(shape: tuple[int, int, int], seconds: float = 0.2) -> float:
+    """bf16 autocast's speed over fp32 for a matmul of this shape on this CPU, measured once per process."""
     cpu = torch.device("cpu")
-    fp32 = max(matmul_speed(None, shape, cpu, 0.05), matmul_speed(None, shape, cpu, 0.05))
-    bf16 = max(matmul_speed(torch.bfloat16, shape, cpu, 0.05), matmul_speed(torch.bfloat16, shape, cpu, 0.05))
-    return bf16 / fp32
+    return median_ratio(matmul_timer(None, shape, cpu), matmul_timer(torch.bfloat16, shape, cpu), seconds)
 
 
 # bf16 must beat fp32 by this much on the probe to be chosen: a training step also pays for casts and for

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -39,21 +38,13 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def matmul_peak(device: torch.device, bf16_autocast: bool, n: int | None = None, repeats: int = 5) -> float:
-    """FLOP/s of a dense n x n x n float32 matmul, plain or under bf16 autocast; the best of `repeats`."""
+def matmul_peak(device: torch.device, bf16_autocast: bool, n: int | None = None) -> float:
+    """FLOP/s of a dense n x n x n float32 matmul, plain or under bf16 autocast: the best of repeated timings
+    (trainkit.matmul_speed, the same timer --precision auto uses)."""
+    from trainkit import matmul_speed  # the benchmarks put the repository root on sys.path first
+
     n = n or (2048 if device.type == "cpu" else 8192)
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    best = float("inf")
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
-        for i in range(repeats + 1):
-            synchronize(device)
-            t0 = time.perf_counter()
-            a @ b
-            synchronize(device)
-            if i:  # the first one warms up
-                best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    return matmul_speed(torch.bfloat16 if bf16_autocast else None, (n, n, n), device, seconds=0.5)
 
 
 def describe_machine(device: str | torch.device = "cpu") -> dict:

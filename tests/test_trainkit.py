@@ -45,11 +45,8 @@ def test_bf16_asked_for_on_a_gpu_that_emulates_it_says_so(monkeypatch):
 
 
 def fake_cpu_speeds(monkeypatch, fp32_flops, bf16_flops):
-    trainkit.cpu_bf16_speedup.cache_clear()
-    monkeypatch.setattr(trainkit, "matmul_speed",
-                        lambda dtype, shape, device, seconds=0.1: bf16_flops if dtype == torch.bfloat16 else fp32_flops)
+    monkeypatch.setattr(trainkit, "cpu_bf16_speedup", lambda shape: bf16_flops / fp32_flops)
     yield
-    trainkit.cpu_bf16_speedup.cache_clear()
 
 
 @pytest.fixture
@@ -89,8 +86,20 @@ def test_explicit_flags_win_and_mps_defaults_to_fp32(bf16_slower):
 
 def test_the_real_measurement_runs_quickly_and_is_positive():
     trainkit.cpu_bf16_speedup.cache_clear()
-    assert trainkit.cpu_bf16_speedup((64, 32, 64)) > 0
+    assert trainkit.cpu_bf16_speedup((64, 32, 64), 0.01) > 0
     assert trainkit.matmul_speed(None, (64, 32, 64), torch.device("cpu"), 0.01) > 0
+
+
+def test_median_ratio_takes_turns_and_ignores_one_slowed_call():
+    calls = []
+    a = iter([2.0, 2.0, 50.0, 2.0, 2.0])  # one call of a slowed down by a busy moment
+    b = iter([1.0, 1.0, 1.0, 40.0, 1.0])  # and one of b
+
+    def timer(name, times):
+        return lambda: calls.append(name) or next(times)
+
+    assert trainkit.median_ratio(timer("a", a), timer("b", b), seconds=0, min_pairs=5) == 2.0
+    assert calls == ["a", "b"] * 5
 
 
 def test_only_fp16_scales_the_loss():
