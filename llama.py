@@ -390,6 +390,17 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def _apply(self, fn, recurse=True):
+        """nn.Module's, except that the rotary table only follows the device: model.to(torch.bfloat16) casts
+        every floating-point buffer, and a complex one cast to a real dtype silently loses its imaginary part
+        (and the rotation with it)."""
+        freqs_cis = self._buffers.pop("freqs_cis")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["freqs_cis"] = freqs_cis.to(self.tok_embeddings.weight.device)
+        return self
+
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None) -> torch.Tensor:
         _bsz, seqlen = tokens.shape
         if start_pos + seqlen > self.params.max_seq_len:

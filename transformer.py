@@ -536,16 +536,12 @@ def load_checkpoint(path: Path, device: torch.device) -> tuple[VisionTransformer
 def save_prediction_grid(path: Path, cache: ImageCache, preds: torch.Tensor, class_names: list[str],
                          n: int = 16, seed: int = 0) -> None:
     """A 4x4 grid of validation images titled 'predicted (true)', green when right and red when wrong."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(cache), generator=g)[:n].tolist()
     cols = 4
     rows = max(1, math.ceil(len(idx) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    fig = trainkit.new_figure(2.2 * cols, 2.4 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, idx):
@@ -553,10 +549,7 @@ def save_prediction_grid(path: Path, cache: ImageCache, preds: torch.Tensor, cla
         ax.imshow(cache.images[i].permute(1, 2, 0).numpy())
         ax.set_title(f"{class_names[p]} ({class_names[t]})", color="green" if p == t else "red", fontsize=9)
     fig.suptitle("predicted (true)", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    trainkit.save_figure(fig, path, dpi=100)
 
 
 def seed_everything(seed: int) -> None:

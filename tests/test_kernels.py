@@ -117,3 +117,18 @@ def test_chunk_rows_hold_about_2_mib_of_float32_per_thread(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert llama.cross_entropy_chunk_rows(50257, cpu) == 16  # each thread takes half the rows
     assert llama.cross_entropy_chunk_rows(50257, torch.device("cuda")) == 4096
+
+
+@NEEDS_DAY2
+def test_casting_the_model_keeps_the_rotary_table_complex():
+    torch.manual_seed(0)
+    model = llama.Transformer(llama.ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, max_seq_len=16)).eval()
+    tokens = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        expected = model(tokens)
+        model.to(torch.bfloat16)
+        assert model.freqs_cis.dtype == torch.complex64 and model.output.weight.dtype == torch.bfloat16
+        got = model(tokens).float()
+        model.double().float()  # and back: the table is the one it was
+    torch.testing.assert_close(got, expected, rtol=0.1, atol=0.1)  # bf16 weights: close, not equal
+    torch.testing.assert_close(model.freqs_cis, llama.precompute_freqs_cis(16, 16))
