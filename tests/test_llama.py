@@ -224,6 +224,7 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
     assert llama.learning_rate(100, 1.0, cfg) == pytest.approx(0.1)
 
 
+@NEEDS_DAY2
 def test_evaluate_equals_mean_cross_entropy_over_the_split(streams):
     _, s = streams
     torch.manual_seed(0)
@@ -276,6 +277,7 @@ def test_smoke_training_learns_saves_a_checkpoint_and_reports(tmp_path, data_fla
     assert evaluated["test_perplexity"] == pytest.approx(metrics["test_perplexity"], rel=1e-4)
 
 
+@NEEDS_DAY2
 def test_ctrl_c_saves_the_model_and_reports(tmp_path, data_flags, capsys, monkeypatch):
     real_step = torch.optim.AdamW.step
     calls = {"n": 0}
@@ -297,6 +299,7 @@ def test_ctrl_c_saves_the_model_and_reports(tmp_path, data_flags, capsys, monkey
     assert "Traceback" not in err
 
 
+@NEEDS_DAY2
 def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_reports(tmp_path, data_flags, capsys, monkeypatch):
     real_forward = Transformer.forward
     calls = {"n": 0}
@@ -334,6 +337,7 @@ def test_invalid_flags_end_with_one_clear_line(extra, message, tmp_path, data_fl
     assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err
 
 
+@NEEDS_DAY2
 def test_training_flags_reach_the_loss_and_the_optimizer(tmp_path, data_flags, capsys, monkeypatch):
     seen = {}
     real_loss, real_optimizer = llama.cross_entropy, llama.configure_optimizer
@@ -353,6 +357,7 @@ def test_training_flags_reach_the_loss_and_the_optimizer(tmp_path, data_flags, c
     assert code == 0 and seen == {"smoothing": 0.3, "weight_decay": 0.7}
 
 
+@NEEDS_DAY2
 def test_ctrl_c_after_training_keeps_the_checkpoint_and_exits_130(tmp_path, data_flags, capsys, monkeypatch):
     calls, real_evaluate = [], llama.evaluate
 
