@@ -495,14 +495,8 @@ def plot_lm_curves(path: Path | str, train: Sequence[tuple[int, float]], val: Se
     ax_ppl.set_ylabel("perplexity (log scale)")
     ax_ppl.set_title("validation perplexity")
     for ax in (ax_loss, ax_ppl):
-        ax.set_xlabel("tokens seen")
         ax.xaxis.set_major_formatter(EngFormatter())
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    return save_figure(fig, path)
+    return finish_curves(fig, (ax_loss, ax_ppl), "tokens seen", title, path)
 
 
 def plot_classifier_curves(path: Path | str, history: Sequence[dict], title: str = "", train_note: str = "") -> Path:
@@ -535,8 +529,15 @@ def plot_classifier_curves(path: Path | str, history: Sequence[dict], title: str
     ax_acc.set_ylabel("accuracy (%)")
     ax_acc.set_title("accuracy")
     for ax in (ax_loss, ax_acc):
-        ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return finish_curves(fig, (ax_loss, ax_acc), "epoch", title, path)
+
+
+def finish_curves(fig, axes, xlabel: str, title: str, path: Path | str) -> Path:
+    """What every curve picture has: the x label, a light grid, a legend where something was drawn, the
+    title; then it is saved."""
+    for ax in axes:
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=9)
