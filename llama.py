@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import trainkit
-from trainkit import PRECISIONS, Precision, choose_precision, plot_lm_curves
+from trainkit import PRECISIONS, Precision, RowKernels, choose_precision, fastest_row_kernels, plot_lm_curves
 
 CHECKPOINT = "llama_wikitext_trained.pth"
 SAMPLE_PROMPTS = ["In a world where", "The history of the city", "She was born in"]
@@ -209,44 +209,13 @@ def attention_mask(seqlen: int, start_pos: int, cache: Optional["KVCache"], devi
     return cache.padding_mask(mask, start_pos, seqlen) if padded else mask
 
 
-# (device, dtype, shape) -> whether one row times the output matrix runs faster with the matrix transposed.
-_TRANSPOSED_OUTPUT_IS_FASTER: dict[tuple, bool] = {}
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-@torch.no_grad()
-def transposed_output_is_faster(weight: torch.Tensor, repeats: int = 5) -> bool:
-    """Time one decoding step's output projection, a row times weight (vocab, dim) as nn.Linear stores it
-    against the same row times a (dim, vocab) copy, once per process for each device, dtype and shape.
-
-    Which layout a CPU's matrix-vector kernel reads faster differs between CPUs and dtypes (PyTorch's fp32
-    kernel read the transposed one twice as fast on one AMD CPU, and slower on an Intel Xeon), so it is
-    measured here rather than guessed from the CPU. It costs a few matrix-vector products and one copy.
-    """
-    key = (str(weight.device), weight.dtype, tuple(weight.shape))
-    if key not in _TRANSPOSED_OUTPUT_IS_FASTER:
-        weight = weight.detach()
-        row = torch.randn(1, weight.shape[1], device=weight.device, dtype=weight.dtype)
-        weight_t = weight.t().contiguous()
-        layouts = [lambda: F.linear(row, weight), lambda: row @ weight_t]
-        times = [[], []]
-        for i in range(repeats + 1):  # alternate, so a busy moment of the machine hits both alike
-            for layout, fn in enumerate(layouts):
-                _synchronize(weight.device)
-                t0 = time.perf_counter()
-                fn()
-                _synchronize(weight.device)
-                if i:  # the first round warms up
-                    times[layout].append(time.perf_counter() - t0)
-        as_stored, transposed = (sorted(t)[len(t) // 2] for t in times)
-        _TRANSPOSED_OUTPUT_IS_FASTER[key] = transposed < as_stored
-    return _TRANSPOSED_OUTPUT_IS_FASTER[key]
+def decoding_kernels(model: "Transformer", rows: int) -> RowKernels:
+    """How a decoding step of `rows` rows multiplies them by the weights fastest on this machine: through
+    oneDNN or PyTorch's own kernels, with the output matrix as stored or transposed. Measured once per process
+    for each shape and dtype (a few milliseconds; see trainkit.fastest_row_kernels)."""
+    attention, ffn = model.layers[0].attention, model.layers[0].feed_forward
+    layer = [m.weight for m in (attention.wq, attention.wk, attention.wv, attention.wo, ffn.w1, ffn.w2, ffn.w3)]
+    return fastest_row_kernels(layer, len(model.layers), model.output.weight, rows)
 
 
 class KVCache:
@@ -260,7 +229,8 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.pad = None  # (batch, max_seq_len) bool, True at the left padding of shorter prompts
-        self.output_t = None
+        self.kernels = None  # how a decoding step's matrix products run fastest here (see kernels_for)
+        self.output_t = None  # the output matrix as (dim, vocab), where that layout reads faster
 
     def pad_left(self, n_pad: torch.Tensor) -> None:
         """Prompts of different lengths share a batch by padding each on the left; row i has n_pad[i] pads.
@@ -278,17 +248,23 @@ class KVCache:
         allowed = ~self.pad[:, None, None, :end] | self.pad[:, None, start_pos:end, None]
         return allowed if mask is None else allowed & mask
 
-    def project(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """h @ weight.T: the output projection of the positions being decoded.
+    def kernels_for(self, model: "Transformer", tokens: torch.Tensor):
+        """The matmul kernels a forward of `tokens` runs on: for a decoding step (one new token per row), the
+        ones decoding_kernels measured fastest; for a prompt, PyTorch's defaults."""
+        if tokens.shape[1] != 1:
+            return contextlib.nullcontext()
+        if self.kernels is None:
+            self.kernels = decoding_kernels(model, tokens.shape[0])
+            if self.kernels.transposed_output:
+                self.output_t = model.output.weight.detach().t().contiguous()
+        return self.kernels.active()
 
-        Each decoded token multiplies one row by the model's largest matrix (vocab x dim). Depending on the
-        machine and dtype, a matrix-vector kernel may read that matrix faster laid out as (dim, vocab) than as
-        nn.Linear stores it; where transposed_output_is_faster measured so, a copy in that layout is made once
-        per generation and every decoding step reads it.
-        """
-        if self.output_t is None and transposed_output_is_faster(weight):
-            self.output_t = weight.detach().t().contiguous()
-        return F.linear(h, weight) if self.output_t is None else h @ self.output_t
+    def project(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """h @ weight.T: the output projection, from the (dim, vocab) copy in a decoding step where
+        kernels_for measured that layout faster."""
+        if self.output_t is not None and h.shape[1] == 1:
+            return h @ self.output_t
+        return F.linear(h, weight)
 
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (batch, n_kv_heads, seqlen, head_dim) at start_pos; return all keys and values so far."""
@@ -408,11 +384,13 @@ class Transformer(nn.Module):
         h = self.dropout(self.tok_embeddings(tokens))
         freqs_cis = self.freqs_cis[start_pos:start_pos + seqlen]
         mask = attention_mask(seqlen, start_pos, cache, tokens.device)
-        for layer in self.layers:
-            h = layer(h, start_pos, freqs_cis, mask, cache)
-        if cache is not None:  # the same product as self.output, with the weight laid out for decoding
-            return cache.project(self.norm(h), self.output.weight)
-        return self.output(self.norm(h))
+        # A decoding step runs on the matmul kernels the cache measured fastest for it on this machine.
+        with cache.kernels_for(self, tokens) if cache is not None else contextlib.nullcontext():
+            for layer in self.layers:
+                h = layer(h, start_pos, freqs_cis, mask, cache)
+            if cache is not None:  # the same product as self.output, with the matrix in the faster layout
+                return cache.project(self.norm(h), self.output.weight)
+            return self.output(self.norm(h))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied matrix counts once

@@ -26,8 +26,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from llama import (CHECKPOINT, KVCache, Transformer, UserError, build_model, load_hf_model, load_tokenizer,
-                   pick_device, read_checkpoint)
+from llama import (CHECKPOINT, KVCache, Transformer, UserError, build_model, decoding_kernels, load_hf_model,
+                   load_tokenizer, pick_device, read_checkpoint)
 
 STRATEGIES = ("greedy", "sample", "top_k", "top_p")
 
@@ -426,6 +426,7 @@ def run(args) -> int:
     if len(tokenizer) > model.params.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model was trained with "
                         f"{model.params.vocab_size}; pass the --tokenizer it was trained with")
+    print(decoding_kernels(model, len(args.prompt) * args.num_samples).describe(), file=sys.stderr)
     for strategy in strategies:
         print(f"=== {strategy} ===")
         print(args.prompt[0], end="", flush=True)

@@ -1,6 +1,6 @@
 """Greedy decoding speed: our KV cache vs recomputing the prefix vs Hugging Face's generate.
 
-All three run the same random weights of llama.py's default model (max_seq_len raised so 256 new tokens
+All of them run the same random weights of llama.py's default model (max_seq_len raised so 256 new tokens
 fit), batch 1, in one process, alternating, and the median of several repetitions is reported, for each
 dtype asked for (the weights of both models in that dtype).
 
@@ -37,14 +37,28 @@ def measure(args, dtype: str) -> dict:
     model, hf = model.to(DTYPES[dtype]), hf.to(DTYPES[dtype])
     prompt = torch.randint(0, model.params.vocab_size, (1, args.prompt_tokens))
 
+    def hf_generate():
+        return hf.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[:, prompt.shape[1]:]
+
+    def hf_generate_onednn_off():
+        before = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False
+        try:
+            return hf_generate()
+        finally:
+            torch.backends.mkldnn.enabled = before
+
     runners = {
         "ours, KV cache": lambda: gen.generate_tokens(model, prompt, args.new_tokens, gen.pick_greedy)[0],
         "ours, recompute prefix": lambda: gen.generate_tokens(model, prompt, args.new_tokens, gen.pick_greedy,
                                                               use_cache=False)[0],
-        "HF generate, cache": lambda: hf.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                                  do_sample=False, eos_token_id=None, pad_token_id=0)[:, prompt.shape[1]:],
+        "HF generate, cache": hf_generate,
+        # Not a baseline: Hugging Face's model on the decoding kernels our KV cache chose (PyTorch's own
+        # matrix-vector kernels), to show how much of our lead is that choice.
+        "HF generate, oneDNN off": hf_generate_onednn_off,
     }
-    outputs = {name: run() for name, run in runners.items()}  # warm-up, and the same tokens from all three
+    outputs = {name: run() for name, run in runners.items()}  # warm-up, and the same tokens from all of them
     same = all(torch.equal(o, outputs["HF generate, cache"]) for o in outputs.values())
     times = {name: [] for name in runners}
     with torch.inference_mode():
@@ -53,14 +67,6 @@ def measure(args, dtype: str) -> dict:
                 t0 = time.perf_counter()
                 run()
                 times[name].append(time.perf_counter() - t0)
-
-    weight = model.output.weight.detach()
-    row, weight_t = torch.randn(1, weight.shape[1], dtype=weight.dtype), weight.t().contiguous()
-    layouts = {"as nn.Linear stores it (vocab, dim)": lambda: torch.nn.functional.linear(row, weight),
-               "transposed copy (dim, vocab)": lambda: row @ weight_t}
-    layout_ms = {name: 1e3 * statistics.median(_timed(fn) for _ in range(50)) for name, fn in layouts.items()}
-    chosen = "transposed copy (dim, vocab)" if llama.transposed_output_is_faster(weight) else \
-        "as nn.Linear stores it (vocab, dim)"
 
     print(f"\n{dtype}: {model.num_params() / 1e6:.1f}M parameters (default preset), batch 1, "
           f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, median of {args.repeats}; "
@@ -71,11 +77,11 @@ def measure(args, dtype: str) -> dict:
         rate = args.new_tokens / statistics.median(ts)
         rates[name] = {"tokens_per_s": rate, "ratio_to_hf": rate / hf_rate}
         print(f"{name:>24}: {rate:7.1f} tokens/s   {rate / hf_rate:5.2f}x HF")
-    print(f"one token's output projection ({tuple(weight.shape)} matrix), median of 50:")
-    for name, ms in layout_ms.items():
-        print(f"{name:>36}: {ms:.2f} ms" + ("   <- KVCache.project's choice here" if name == chosen else ""))
-    return {"identical_tokens": same, "decoding": rates, "output_projection_ms": layout_ms,
-            "kvcache_layout": chosen}
+    kernels = llama.decoding_kernels(model, rows=1)  # measured once per process: what every step above ran on
+    print(kernels.describe())
+    return {"identical_tokens": same, "decoding": rates,
+            "kernels": {"onednn": kernels.onednn, "transposed_output": kernels.transposed_output,
+                        "ms_per_step": {kernels.name(k): ms for k, ms in kernels.ms_per_step.items()}}}
 
 
 def main(argv=None):
@@ -93,13 +99,6 @@ def main(argv=None):
     for dtype in args.dtype:
         results[dtype] = measure(args, dtype)
     write_json(args.json, machine, results)
-
-
-def _timed(fn) -> float:
-    fn()  # the first call may allocate; time the second
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The speed choices in llama.py give the same numbers as the plain path they replace.
 
-SDPA's is_causal against the explicit causal_mask, the decoding output projection in either layout against
-nn.Linear's, and the cross-entropy's chunk size rule. No timings are asserted: which path is faster depends
+SDPA's is_causal against the explicit causal_mask, decoding steps on every matmul kernel choice (oneDNN on or
+off, the output matrix in either layout) against the whole forward, and the cross-entropy's chunk size rule. No timings are asserted: which path is faster depends
 on the machine; these tests check that every path a machine may choose computes the same thing.
 """
 
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import llama
+import trainkit
 from llama import ModelArgs, Transformer
 
 NEEDS_DAY2 = pytest.mark.needs("rmsnorm", "swiglu", "causal_mask")
@@ -72,24 +73,56 @@ def test_explicit_mask_path_is_what_cached_prefill_at_an_offset_takes(monkeypatc
     assert calls == [(7, 5)]
 
 
-@pytest.mark.parametrize("transposed", [False, True], ids=["as-stored", "transposed"])
-def test_output_projection_in_either_layout_equals_nn_linear(transposed, monkeypatch):
-    monkeypatch.setattr(llama, "transposed_output_is_faster", lambda weight: transposed)
-    model = tiny_model().eval()
-    cache = llama.KVCache(model.params, 2)
-    h = torch.randn(2, 3, 64)
-    torch.testing.assert_close(cache.project(h, model.output.weight), model.output(h), rtol=1e-5, atol=1e-5)
+# Every (oneDNN, output layout) a machine may choose for decoding steps; None: not a CPU, the flag left alone.
+KERNEL_CHOICES = [(True, False), (True, True), (False, False), (False, True), (None, True)]
+
+
+@NEEDS_DAY2
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("onednn,transposed", KERNEL_CHOICES, ids=lambda v: str(v))
+def test_decoding_on_every_kernel_choice_equals_the_whole_forward(onednn, transposed, dtype, monkeypatch):
+    chosen = trainkit.RowKernels(onednn, transposed, {(onednn, transposed): 1.0})
+    monkeypatch.setattr(llama, "decoding_kernels", lambda model, rows: chosen)
+    model = tiny_model().eval().to(dtype)
+    seen = []  # oneDNN's setting while the first block runs, prompt then each step
+    model.layers[0].register_forward_hook(lambda *_: seen.append(torch.backends.mkldnn.enabled))
+    tokens = torch.randint(0, 101, (2, 10), generator=torch.Generator().manual_seed(3))
+    cache = llama.KVCache(model.params, 2, dtype=dtype)
+    with torch.no_grad():
+        whole = model(tokens)
+        steps = [model(tokens[:, :4], 0, cache)] + [model(tokens[:, i:i + 1], i, cache) for i in range(4, 10)]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole, **tol)
     assert (cache.output_t is not None) == transposed
+    default = torch.backends.mkldnn.enabled
+    assert seen == [default, default] + [default if onednn is None else onednn] * 6  # whole, prompt, steps
+    assert torch.backends.mkldnn.enabled == default  # restored after every step
 
 
-def test_layout_is_measured_once_per_device_dtype_and_shape(monkeypatch):
-    monkeypatch.setattr(llama, "_TRANSPOSED_OUTPUT_IS_FASTER", {})
-    weight = torch.randn(300, 16)
-    first = llama.transposed_output_is_faster(weight)
-    assert isinstance(first, bool) and len(llama._TRANSPOSED_OUTPUT_IS_FASTER) == 1
-    assert llama.transposed_output_is_faster(torch.randn(300, 16)) == first  # cached, not timed again
-    llama.transposed_output_is_faster(weight.bfloat16())
-    assert len(llama._TRANSPOSED_OUTPUT_IS_FASTER) == 2
+def test_decoding_kernels_are_measured_once_per_dtype_shapes_and_rows(monkeypatch):
+    monkeypatch.setattr(trainkit, "_ROW_KERNELS", {})
+    layer, output = [torch.randn(48, 16), torch.randn(16, 48)], torch.randn(300, 16)
+    default = torch.backends.mkldnn.enabled
+    first = trainkit.fastest_row_kernels(layer, 2, output)
+    expected = {(True, False), (True, True), (False, False), (False, True)} if torch.backends.mkldnn.is_available() \
+        else {(None, False), (None, True)}
+    assert set(first.ms_per_step) == expected and all(ms > 0 for ms in first.ms_per_step.values())
+    assert (first.onednn, first.transposed_output) in first.ms_per_step
+    assert trainkit.fastest_row_kernels(layer, 2, torch.randn(300, 16)) is first  # cached, not timed again
+    trainkit.fastest_row_kernels([w.bfloat16() for w in layer], 2, output.bfloat16())
+    trainkit.fastest_row_kernels(layer, 2, output, rows=3)
+    assert len(trainkit._ROW_KERNELS) == 3
+    assert torch.backends.mkldnn.enabled == default
+    assert first.describe().startswith("decoding kernels: ")
+
+
+def test_kernel_ties_go_to_pytorchs_defaults():
+    order = [(True, False), (True, True), (False, False), (False, True)]
+    near = {(True, False): 1.04, (True, True): 1.0, (False, False): 1.0, (False, True): 9.0}
+    assert trainkit.first_within(near, order) == (True, False)  # within 5%: the default
+    clear = {(True, False): 2.0, (True, True): 1.9, (False, False): 1.0, (False, True): 1.02}
+    assert trainkit.first_within(clear, order) == (False, False)
+    assert trainkit.first_within(clear, order[:2]) == (True, True)  # only among the candidates timed to the end
 
 
 @pytest.mark.parametrize("rows", [1, 8, 50])
