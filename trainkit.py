@@ -221,7 +221,7 @@ def fastest_row_kernels(layer: Sequence[torch.Tensor], n_layers: int, output: to
 
     The candidates take turns, round after round, so a busy moment of the machine hits all alike; a candidate
     more than three times as slow as the best in the first round is not timed again (on one machine, bf16
-    with oneDNN off read the transposed output matrix ten times slower than as stored). PyTorch's defaults
+    with oneDNN off read the transposed output matrix 15 times slower than as stored). PyTorch's defaults
     (oneDNN on, the matrix as stored) are kept unless another candidate is more than 5% faster.
     """
     output = output.detach()
