@@ -111,6 +111,8 @@ class Sampler:
         # Hugging Face's order and arithmetic: float32 logits divided by the temperature, then the filter, then
         # one torch.multinomial draw from the softmax. With the same seed, generate(do_sample=True) then draws
         # the same tokens from the same logits (it uses the global generator, ours one seeded with the same seed).
+        if self.strategy == "sample":  # nothing to filter: the temperature exercise does all of it
+            return sample_with_temperature(logits, self.temperature, self.generator)
         logits = logits.float() / self.temperature
         if self.strategy == "top_k":
             logits = filter_top_k(logits, min(self.top_k, logits.size(-1)))
