@@ -1,7 +1,8 @@
 """Exercise mode: tools/make_exercises.py makes the students' copy, and the test suite grades it.
 
 The round trip runs pytest on a fresh copy in a subprocess: every exercise fails with its own TODO
-message; putting two solutions back turns exactly those two exercises green.
+message; putting two solutions back turns exactly those two exercises green; and every test that carries no
+exercise's mark passes on the fresh copy.
 """
 
 import os
@@ -119,3 +120,15 @@ def test_round_trip_every_exercise_fails_with_its_todo_and_turns_green_when_solv
         (tmp_path / script).write_text(copy.replace(todo, mk.solution_region((ROOT / script).read_text(), name)))
     status, out = run_exercise_tests(tmp_path)
     assert status == {name: "done" if name in ("rmsnorm", "attention") else "not yet" for name in EXERCISES}, out
+
+
+def test_on_a_fresh_copy_every_test_outside_the_exercises_passes(student_copy):
+    # A test that needs an exercise done must say so (its exercise's mark, or `needs`); otherwise a student
+    # with nothing filled in yet sees a failure that no exercise explains. The copy's own round trip
+    # (this file) is left out: it would start itself again.
+    not_exercises = " and ".join(f"not {name}" for name in (*EXERCISES, "needs"))
+    result = subprocess.run([sys.executable, "-m", "pytest", "--impl", str(student_copy), "-m", not_exercises,
+                             "-q", "-rf", "-p", "no:cacheprovider", "--ignore", "tests/test_exercises.py", "tests"],
+                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "COLUMNS": "1000"})
+    failures = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    assert result.returncode == 0, "unmarked tests fail on a fresh copy:\n" + "\n".join(failures or [result.stdout])
