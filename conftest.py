@@ -2,6 +2,7 @@
 
     pytest                          # tests the solutions at the repository root
     pytest --impl exercises         # tests a student copy made by tools/make_exercises.py
+    pytest --impl=/elsewhere/copy   # a copy outside the repository: with '=' (else pytest collects the folder)
     pytest -m rmsnorm               # only the tests of one exercise
     pytest -m needs                 # the tests of whole models, which need several exercises done
     COURSE_IMPL=exercises pytest    # the same as --impl, for IDEs
