@@ -37,6 +37,12 @@ def image_folder(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("images"), per_class=6, val_per_class=3)
 
 
+def finetune(weights_path, image_folder, out, *flags) -> int:
+    """transformer.py --pretrained on the small weights and the image folder, writing to out, quietly."""
+    return T.main(["--pretrained", "vit_b_16", "--weights", weights_path, "--data-dir", str(image_folder),
+                   "--output-dir", str(out), "--quiet", *flags])
+
+
 def test_config_is_read_off_the_weights_shapes(weights):
     path, tv = weights
     config = T.vit_config_from_torchvision_state_dict(tv.state_dict(), n_heads=12)
@@ -75,9 +81,7 @@ def test_class_token_features_are_what_the_head_reads(weights):
 def test_finetune_head_changes_only_the_head_and_learns_the_folder(weights, image_folder, tmp_path):
     path, tv = weights
     out = tmp_path / "run"
-    assert T.main(["--pretrained", "vit_b_16", "--weights", path, "--finetune", "head", "--data-dir",
-                   str(image_folder), "--output-dir", str(out), "--epochs", "100", "--lr", "1e-2",
-                   "--quiet"]) == 0
+    assert finetune(path, image_folder, out, "--finetune", "head", "--epochs", "100", "--lr", "1e-2") == 0
     ckpt = torch.load(out / "vit_cats_vs_dogs.pth", weights_only=True)
     original = T.from_torchvision_state_dict(tv.state_dict())
     for name, tensor in ckpt["model"].items():
@@ -97,8 +101,7 @@ def test_finetune_head_changes_only_the_head_and_learns_the_folder(weights, imag
 def test_finetuned_checkpoint_predicts_like_any_other(weights, image_folder, tmp_path, capsys):
     path, _ = weights
     out = tmp_path / "run"
-    assert T.main(["--pretrained", "vit_b_16", "--weights", path, "--data-dir", str(image_folder),
-                   "--output-dir", str(out), "--epochs", "5", "--quiet"]) == 0
+    assert finetune(path, image_folder, out, "--epochs", "5") == 0
     capsys.readouterr()
     image = next((image_folder / "validation" / "cats").iterdir())
     code, stdout, err = call_main(T.main, ["--predict", str(image), "--output-dir", str(out)], capsys)
@@ -109,9 +112,8 @@ def test_finetuned_checkpoint_predicts_like_any_other(weights, image_folder, tmp
 def test_finetune_all_trains_the_encoder_too(weights, image_folder, tmp_path):
     path, tv = weights
     out = tmp_path / "run"
-    assert T.main(["--pretrained", "vit_b_16", "--weights", path, "--finetune", "all", "--data-dir",
-                   str(image_folder), "--output-dir", str(out), "--epochs", "1", "--lr", "1e-3",
-                   "--batch-size", "4", "--quiet"]) == 0
+    assert finetune(path, image_folder, out, "--finetune", "all", "--epochs", "1", "--lr", "1e-3",
+                    "--batch-size", "4") == 0
     ckpt = torch.load(out / "vit_cats_vs_dogs.pth", weights_only=True)
     original = T.from_torchvision_state_dict(tv.state_dict())
     assert not torch.equal(ckpt["model"]["layers.0.mlp.fc1.weight"], original["layers.0.mlp.fc1.weight"])
