@@ -68,6 +68,14 @@ class Precision:
         return f"precision: {self.name} ({self.reason})"
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer reads when it finished (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def matmul_timer(dtype: Optional[torch.dtype], shape: tuple[int, int, int], device: torch.device):
     """A function that times one (m, k) @ (k, n) product of fp32 tensors, plain (dtype None) or under autocast
     to `dtype`, which includes the casts autocast makes, as in training; it returns seconds."""
@@ -81,8 +89,7 @@ def matmul_timer(dtype: Optional[torch.dtype], shape: tuple[int, int, int], devi
         t0 = time.perf_counter()
         with ctx:
             a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         return time.perf_counter() - t0
 
     time_once()  # the first call pays for kernel selection and allocation
@@ -166,6 +173,21 @@ def choose_precision(flag: str, device: torch.device, matmul_shape: tuple[int, i
 # matrix (vocab x dim) may be read faster transposed. So the choice is measured, once per process.
 
 
+@contextlib.contextmanager
+def onednn(enabled: Optional[bool]):
+    """PyTorch's oneDNN matmuls on (True) or off (False) inside, the setting before restored after; None leaves
+    it alone."""
+    if enabled is None:
+        yield
+        return
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
 @dataclass(frozen=True)
 class RowKernels:
     """How a decoding step's products of `rows` rows by the weight matrices run fastest on this machine."""
@@ -173,18 +195,9 @@ class RowKernels:
     transposed_output: bool  # read the output matrix as a (dim, vocab) copy instead of as nn.Linear stores it
     ms_per_step: dict  # (onednn, transposed_output) -> measured milliseconds of a step's products
 
-    @contextlib.contextmanager
     def active(self):
-        """oneDNN on or off for the products inside; the setting before is restored after."""
-        if self.onednn is None:
-            yield
-            return
-        before = torch.backends.mkldnn.enabled
-        torch.backends.mkldnn.enabled = self.onednn
-        try:
-            yield
-        finally:
-            torch.backends.mkldnn.enabled = before
+        """oneDNN on or off for the products inside, as chosen; the setting before is restored after."""
+        return onednn(self.onednn)
 
     @staticmethod
     def name(key: tuple[Optional[bool], bool]) -> str:
@@ -200,13 +213,6 @@ class RowKernels:
                            if k != (self.onednn, self.transposed_output))
         return (f"decoding kernels: {kernels}output matrix {layout} ({best:.2f} ms of matrix products per step, "
                 f"measured; {others})")
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 _ROW_KERNELS: dict[tuple, RowKernels] = {}
@@ -237,19 +243,19 @@ def fastest_row_kernels(layer: Sequence[torch.Tensor], n_layers: int, output: to
     candidates = [(onednn, transposed) for onednn in ((True, False) if switchable else (None,))
                   for transposed in (False, True)]
 
-    def step_seconds(onednn: bool, transposed: bool) -> float:
-        with RowKernels(onednn, transposed, {}).active():
-            _synchronize(device)
+    def step_seconds(use_onednn: Optional[bool], transposed: bool) -> float:
+        with onednn(use_onednn):
+            synchronize(device)
             t0 = time.perf_counter()
             for x, w in zip(inputs, layer):
                 torch.nn.functional.linear(x, w.detach())
-            _synchronize(device)
+            synchronize(device)
             t1 = time.perf_counter()
             if transposed:
                 h @ output_t
             else:
                 torch.nn.functional.linear(h, output)
-            _synchronize(device)
+            synchronize(device)
             return n_layers * (t1 - t0) + time.perf_counter() - t1
 
     for candidate in candidates:  # the first call of each pays for kernel selection and allocation

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import llama  # noqa: E402
 import llama_generation as gen  # noqa: E402
+import trainkit  # noqa: E402
 from hf_reference import to_hf_llama  # noqa: E402
 from machine import describe_machine, print_header, write_json  # noqa: E402
 
@@ -42,12 +43,8 @@ def measure(args, dtype: str) -> dict:
                            eos_token_id=None, pad_token_id=0)[:, prompt.shape[1]:]
 
     def hf_generate_onednn_off():
-        before = torch.backends.mkldnn.enabled
-        torch.backends.mkldnn.enabled = False
-        try:
+        with trainkit.onednn(False):
             return hf_generate()
-        finally:
-            torch.backends.mkldnn.enabled = before
 
     runners = {
         "ours, KV cache": lambda: gen.generate_tokens(model, prompt, args.new_tokens, gen.pick_greedy)[0],

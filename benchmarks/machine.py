@@ -31,13 +31,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def matmul_peak(device: torch.device, bf16_autocast: bool, n: int | None = None) -> float:
     """FLOP/s of a dense n x n x n float32 matmul, plain or under bf16 autocast: the best of repeated timings
     (trainkit.matmul_speed, the same timer --precision auto uses)."""

@@ -1,8 +1,9 @@
 """The speed choices in llama.py give the same numbers as the plain path they replace.
 
 SDPA's is_causal against the explicit causal_mask, decoding steps on every matmul kernel choice (oneDNN on or
-off, the output matrix in either layout) against the whole forward, and the cross-entropy's chunk size rule. No timings are asserted: which path is faster depends
-on the machine; these tests check that every path a machine may choose computes the same thing.
+off, the output matrix in either layout) against the whole forward, and the cross-entropy's chunk size rule.
+No timings are asserted: which path is faster depends on the machine; these tests check that every path a
+machine may choose computes the same thing.
 """
 
 import pytest
