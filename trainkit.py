@@ -307,6 +307,10 @@ def init_distributed(device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise ValueError(f"torchrun: no distributed backend for {device.type}; use --device cuda or cpu")
+    # Imported before the group exists, not first by DistributedDataParallel: its functions take
+    # group=group.WORLD as a default, evaluated at import, which would keep the group alive after
+    # destroy_process_group, and its gloo threads running into the interpreter's exit (a rare SIGABRT there).
+    import torch.distributed.nn  # noqa: F401
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device

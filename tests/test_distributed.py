@@ -77,6 +77,41 @@ def llama_flags(tiny_wikitext_dir, tiny_tokenizer_dir):
             "--device", "cpu", "--precision", "fp32"]
 
 
+# Run in a fresh interpreter: whether torch.distributed.nn was imported before the group existed must not
+# depend on which tests ran earlier in this process.
+TEARDOWN = """
+import os, socket, sys, torch
+sys.path.insert(0, {scripts!r})
+import trainkit
+def gloo_threads():  # Linux names each thread in /proc; gloo's are pt_gloo_runloop and gloo_tcp_loop
+    return sum("gloo" in open(f"/proc/self/task/{{t}}/comm").read() for t in os.listdir("/proc/self/task"))
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+trainkit.init_distributed(torch.device("cpu"))
+ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))  # what wrap_ddp does with 2+ processes
+ddp(torch.ones(1, 2)).sum().backward()
+during = gloo_threads()
+del ddp
+trainkit.teardown_distributed()
+print(during, gloo_threads())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in Linux's /proc")
+def test_teardown_releases_the_process_group_and_its_threads(tmp_path):
+    # A group still alive after teardown keeps gloo's threads running into the interpreter's exit, where they
+    # made a process abort (SIGABRT) now and then after a run that had finished its work.
+    script = tmp_path / "teardown.py"
+    script.write_text(TEARDOWN.format(scripts=str(SCRIPTS)))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    during, after = map(int, run.stdout.split())
+    assert during > 0, "no gloo thread while the group was up: the test no longer sees what it checks"
+    assert after == 0, (f"{after} gloo thread(s) still running after teardown_distributed: something holds the "
+                        "process group (e.g. a default argument group=group.WORLD evaluated after it was made)")
+
 @NEEDS_DAY2
 def test_llama_two_processes_train_the_same_weights_as_one(tmp_path, llama_flags, capsys):
     # A global batch of 4 windows x 2 micro-batches: each process takes 2 windows of each micro-batch.
