@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import statistics
 import io
 import itertools
 import math
 import os
 import random
 import signal
+import statistics
 import threading
 import time
 from dataclasses import dataclass

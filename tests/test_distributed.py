@@ -112,6 +112,7 @@ def test_teardown_releases_the_process_group_and_its_threads(tmp_path):
     assert after == 0, (f"{after} gloo thread(s) still running after teardown_distributed: something holds the "
                         "process group (e.g. a default argument group=group.WORLD evaluated after it was made)")
 
+
 @NEEDS_DAY2
 def test_llama_two_processes_train_the_same_weights_as_one(tmp_path, llama_flags, capsys):
     # A global batch of 4 windows x 2 micro-batches: each process takes 2 windows of each micro-batch.
