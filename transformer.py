@@ -33,7 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import trainkit
-from trainkit import PRECISIONS, Precision, choose_precision, plot_attention_maps, plot_classifier_curves
+from trainkit import PRECISIONS, Precision, choose_precision
+from trainkit.pictures import plot_attention_maps, plot_classifier_curves
 
 # --------------------------------------------------------------------------------------------------------------
 # Config
@@ -540,7 +541,7 @@ def save_prediction_grid(path: Path, cache: ImageCache, preds: torch.Tensor, cla
     idx = torch.randperm(len(cache), generator=g)[:n].tolist()
     cols = 4
     rows = max(1, math.ceil(len(idx) / cols))
-    fig = trainkit.new_figure(2.2 * cols, 2.4 * rows)
+    fig = trainkit.pictures.new_figure(2.2 * cols, 2.4 * rows)
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -549,7 +550,7 @@ def save_prediction_grid(path: Path, cache: ImageCache, preds: torch.Tensor, cla
         ax.imshow(cache.images[i].permute(1, 2, 0).numpy())
         ax.set_title(f"{class_names[p]} ({class_names[t]})", color="green" if p == t else "red", fontsize=9)
     fig.suptitle("predicted (true)", fontsize=10)
-    trainkit.save_figure(fig, path, dpi=100)
+    trainkit.pictures.save_figure(fig, path, dpi=100)
 
 
 def seed_everything(seed: int) -> None:
@@ -782,8 +783,8 @@ def read_resume_state(path: Path, config: ViTConfig, args: argparse.Namespace) -
         raise UserError(f"--resume: {path} is not a last checkpoint written by transformer.py "
                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     try:
-        trainkit.resume_changes(saved_config, asdict(config))
-        changes = trainkit.resume_changes(saved_args, {k: getattr(args, k) for k in RESUME_FLAGS},
+        trainkit.runs.resume_changes(saved_config, asdict(config))
+        changes = trainkit.runs.resume_changes(saved_args, {k: getattr(args, k) for k in RESUME_FLAGS},
                                           may_change=("epochs", "time_budget"))
     except ValueError as e:
         raise UserError(f"--resume {path}: {e}") from None

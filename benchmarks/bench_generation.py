@@ -43,7 +43,7 @@ def measure(args, dtype: str) -> dict:
                            eos_token_id=None, pad_token_id=0)[:, prompt.shape[1]:]
 
     def hf_generate_onednn_off():
-        with trainkit.onednn(False):
+        with trainkit.kernels.onednn(False):
             return hf_generate()
 
     runners = {

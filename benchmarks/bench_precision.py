@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 try:
     import trainkit  # noqa: E402
 except ImportError:
-    sys.exit("error: bench_precision.py needs trainkit.py (the --precision policy) at the repository root; "
+    sys.exit("error: bench_precision.py needs the trainkit package (the --precision policy) at the repository root; "
              "update your checkout")
 import llama  # noqa: E402
 import transformer as T  # noqa: E402

@@ -82,7 +82,7 @@ KERNEL_CHOICES = [(True, False), (True, True), (False, False), (False, True), (N
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("onednn,transposed", KERNEL_CHOICES, ids=lambda v: str(v))
 def test_decoding_on_every_kernel_choice_equals_the_whole_forward(onednn, transposed, dtype, monkeypatch):
-    chosen = trainkit.RowKernels(onednn, transposed, {(onednn, transposed): 1.0})
+    chosen = trainkit.kernels.RowKernels(onednn, transposed, {(onednn, transposed): 1.0})
     monkeypatch.setattr(llama, "decoding_kernels", lambda model, rows: chosen)
     model = tiny_model().eval().to(dtype)
     seen = []  # oneDNN's setting while the first block runs, prompt then each step
@@ -101,18 +101,18 @@ def test_decoding_on_every_kernel_choice_equals_the_whole_forward(onednn, transp
 
 
 def test_decoding_kernels_are_measured_once_per_dtype_shapes_and_rows(monkeypatch):
-    monkeypatch.setattr(trainkit, "_ROW_KERNELS", {})
+    monkeypatch.setattr(trainkit.kernels, "_ROW_KERNELS", {})
     layer, output = [torch.randn(48, 16), torch.randn(16, 48)], torch.randn(300, 16)
     default = torch.backends.mkldnn.enabled
-    first = trainkit.fastest_row_kernels(layer, 2, output)
+    first = trainkit.kernels.fastest_row_kernels(layer, 2, output)
     expected = {(True, False), (True, True), (False, False), (False, True)} if torch.backends.mkldnn.is_available() \
         else {(None, False), (None, True)}
     assert set(first.ms_per_step) == expected and all(ms > 0 for ms in first.ms_per_step.values())
     assert (first.onednn, first.transposed_output) in first.ms_per_step
-    assert trainkit.fastest_row_kernels(layer, 2, torch.randn(300, 16)) is first  # cached, not timed again
-    trainkit.fastest_row_kernels([w.bfloat16() for w in layer], 2, output.bfloat16())
-    trainkit.fastest_row_kernels(layer, 2, output, rows=3)
-    assert len(trainkit._ROW_KERNELS) == 3
+    assert trainkit.kernels.fastest_row_kernels(layer, 2, torch.randn(300, 16)) is first  # cached, not timed again
+    trainkit.kernels.fastest_row_kernels([w.bfloat16() for w in layer], 2, output.bfloat16())
+    trainkit.kernels.fastest_row_kernels(layer, 2, output, rows=3)
+    assert len(trainkit.kernels._ROW_KERNELS) == 3
     assert torch.backends.mkldnn.enabled == default
     assert first.describe().startswith("decoding kernels: ")
 
@@ -120,17 +120,17 @@ def test_decoding_kernels_are_measured_once_per_dtype_shapes_and_rows(monkeypatc
 def test_kernel_ties_go_to_pytorchs_defaults():
     order = [(True, False), (True, True), (False, False), (False, True)]
     near = {(True, False): 1.04, (True, True): 1.0, (False, False): 1.0, (False, True): 9.0}
-    assert trainkit.first_within(near, order) == (True, False)  # within 5%: the default
+    assert trainkit.kernels.first_within(near, order) == (True, False)  # within 5%: the default
     clear = {(True, False): 2.0, (True, True): 1.9, (False, False): 1.0, (False, True): 1.02}
-    assert trainkit.first_within(clear, order) == (False, False)
-    assert trainkit.first_within(clear, order[:2]) == (True, True)  # only among the candidates timed to the end
+    assert trainkit.kernels.first_within(clear, order) == (False, False)
+    assert trainkit.kernels.first_within(clear, order[:2]) == (True, True)  # only among the candidates timed to the end
 
 
 @pytest.mark.parametrize("rows", [1, 8, 50])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_cross_entropy_over_many_chunks_matches_f_cross_entropy(rows, dtype, monkeypatch):
     # The vocabulary of the tests is small, so the rule gives one chunk; force several, with a ragged last one.
-    monkeypatch.setattr(llama, "cross_entropy_chunk_rows", lambda vocab, device: rows)
+    monkeypatch.setattr(trainkit.losses, "cross_entropy_chunk_rows", lambda vocab, device: rows)
     torch.manual_seed(0)
     logits = (torch.randn(3, 37, 500) * 6).to(dtype).requires_grad_()
     targets = torch.randint(0, 500, (3, 37))
@@ -146,11 +146,11 @@ def test_chunked_cross_entropy_over_many_chunks_matches_f_cross_entropy(rows, dt
 def test_chunk_rows_hold_about_2_mib_of_float32_per_thread(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert [llama.cross_entropy_chunk_rows(v, cpu) for v in (8192, 32000, 50257)] == [64, 16, 8]
-    assert llama.cross_entropy_chunk_rows(10 ** 7, cpu) == 1  # never empty
+    assert [trainkit.losses.cross_entropy_chunk_rows(v, cpu) for v in (8192, 32000, 50257)] == [64, 16, 8]
+    assert trainkit.losses.cross_entropy_chunk_rows(10 ** 7, cpu) == 1  # never empty
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert llama.cross_entropy_chunk_rows(50257, cpu) == 16  # each thread takes half the rows
-    assert llama.cross_entropy_chunk_rows(50257, torch.device("cuda")) == 4096
+    assert trainkit.losses.cross_entropy_chunk_rows(50257, cpu) == 16  # each thread takes half the rows
+    assert trainkit.losses.cross_entropy_chunk_rows(50257, torch.device("cuda")) == 4096
 
 
 @NEEDS_DAY2

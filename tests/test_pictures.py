@@ -1,5 +1,5 @@
 """The pictures the scripts write: each PNG exists, opens with PIL and has a size, after the smoke runs of both
-training scripts and after `transformer.py --predict`; and the plumbing in trainkit.py (smoothing, atomic
+training scripts and after `transformer.py --predict`; and the plumbing in trainkit/ (smoothing, atomic
 writes, pyplot's backend left alone)."""
 
 import json
@@ -41,10 +41,10 @@ def test_smooth_is_adams_debiased_ema():
     for t, x in enumerate(values, start=1):
         s = beta * s + (1 - beta) * x
         expected.append(s / (1 - beta ** t))
-    assert trainkit.smooth(values, beta) == pytest.approx(expected)
-    assert trainkit.smooth([3.0] * 20, 0.9) == pytest.approx([3.0] * 20)  # no pull towards zero at the start
-    assert trainkit.smooth(values, 0.0) == pytest.approx(values)
-    assert trainkit.smooth([]) == []
+    assert trainkit.pictures.smooth(values, beta) == pytest.approx(expected)
+    assert trainkit.pictures.smooth([3.0] * 20, 0.9) == pytest.approx([3.0] * 20)  # no pull towards zero at the start
+    assert trainkit.pictures.smooth(values, 0.0) == pytest.approx(values)
+    assert trainkit.pictures.smooth([]) == []
 
 
 def test_curve_pictures_are_pngs_and_leave_pyplots_backend_alone(tmp_path):
@@ -55,12 +55,12 @@ def test_curve_pictures_are_pngs_and_leave_pyplots_backend_alone(tmp_path):
     try:
         train = [(i * 100, 5 + math.exp(-i / 20)) for i in range(1, 80)]
         val = [(i * 100, 5.5 + math.exp(-i / 20)) for i in (20, 40, 60, 79)]
-        assert_png(trainkit.plot_lm_curves(tmp_path / "lm.png", train, val, title="t"))
-        assert_png(trainkit.plot_lm_curves(tmp_path / "lm_empty.png", [], []))  # before the first step
+        assert_png(trainkit.pictures.plot_lm_curves(tmp_path / "lm.png", train, val, title="t"))
+        assert_png(trainkit.pictures.plot_lm_curves(tmp_path / "lm_empty.png", [], []))  # before the first step
         history = [{"epoch": e, "train_loss": 1 / e, "train_accuracy": 0.5, "val_accuracy": 0.6} for e in range(1, 5)]
-        assert_png(trainkit.plot_classifier_curves(tmp_path / "vit.png", history))
+        assert_png(trainkit.pictures.plot_classifier_curves(tmp_path / "vit.png", history))
         images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-        assert_png(trainkit.plot_attention_maps(tmp_path / "att.png", images, {"a": torch.rand(2, 4, 4)}, ["x", "y"]))
+        assert_png(trainkit.pictures.plot_attention_maps(tmp_path / "att.png", images, {"a": torch.rand(2, 4, 4)}, ["x", "y"]))
         assert matplotlib.get_backend() == "svg"
     finally:
         matplotlib.use(before)
@@ -68,15 +68,15 @@ def test_curve_pictures_are_pngs_and_leave_pyplots_backend_alone(tmp_path):
 
 def test_save_figure_replaces_the_file_in_one_rename(tmp_path, monkeypatch):
     renames = []
-    real_replace = trainkit.os.replace
+    real_replace = trainkit.pictures.os.replace
 
     def spy(src, dst):
         renames.append((str(src), str(dst)))
         real_replace(src, dst)
 
-    monkeypatch.setattr(trainkit.os, "replace", spy)
+    monkeypatch.setattr(trainkit.pictures.os, "replace", spy)
     for _ in range(2):  # a second write replaces the first
-        trainkit.plot_lm_curves(tmp_path / "x.png", [(1, 2.0), (2, 1.0)], [(2, 1.5)])
+        trainkit.pictures.plot_lm_curves(tmp_path / "x.png", [(1, 2.0), (2, 1.0)], [(2, 1.5)])
     assert renames == [(str(tmp_path / "x.png.tmp"), str(tmp_path / "x.png"))] * 2
     assert_png(tmp_path / "x.png")
 

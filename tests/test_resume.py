@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -69,8 +68,8 @@ def test_rng_state_round_trip_repeats_the_same_draws(tmp_path):
 def test_resume_changes_refuses_a_fixed_setting_and_lists_the_free_ones():
     saved = {"dim": 32, "max_steps": 4, "lr": 1e-3}
     with pytest.raises(ValueError, match="dim was 32"):
-        trainkit.resume_changes(saved, {"dim": 48, "max_steps": 4, "lr": 1e-3}, may_change=("max_steps",))
-    assert trainkit.resume_changes(saved, {"dim": 32, "max_steps": 8, "lr": 1e-3}, ("max_steps",)) == \
+        trainkit.runs.resume_changes(saved, {"dim": 48, "max_steps": 4, "lr": 1e-3}, may_change=("max_steps",))
+    assert trainkit.runs.resume_changes(saved, {"dim": 32, "max_steps": 8, "lr": 1e-3}, ("max_steps",)) == \
         ["max_steps: 4 -> 8"]
 
 
@@ -108,7 +107,7 @@ trainkit.atomic_save({{"version": 2, "w": torch.zeros(1000)}}, path)
 
 def test_kill_9_while_saving_leaves_the_previous_checkpoint_readable(tmp_path):
     script = tmp_path / "save.py"
-    script.write_text(KILLED_WHILE_SAVING.format(root=str(Path(trainkit.__file__).parent)))
+    script.write_text(KILLED_WHILE_SAVING.format(root=str(Path(trainkit.__file__).parent.parent)))
     path = tmp_path / "model.last.pth"
     proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True)
     try:

@@ -1,4 +1,4 @@
-"""The precision policy (trainkit.py) with the hardware faked, and the fp16 training path on the CPU.
+"""The precision policy (trainkit/precision.py) with the hardware faked, and the fp16 training path on the CPU.
 
 CPU autocast supports float16 and `torch.amp.GradScaler("cpu")` scales losses there, so the fp16 path a T4 or
 V100 takes is tested here without a GPU.
@@ -45,7 +45,7 @@ def test_bf16_asked_for_on_a_gpu_that_emulates_it_says_so(monkeypatch):
 
 
 def fake_cpu_speeds(monkeypatch, fp32_flops, bf16_flops):
-    monkeypatch.setattr(trainkit, "cpu_bf16_speedup", lambda shape: bf16_flops / fp32_flops)
+    monkeypatch.setattr(trainkit.precision, "cpu_bf16_speedup", lambda shape: bf16_flops / fp32_flops)
     yield
 
 
@@ -85,9 +85,9 @@ def test_explicit_flags_win_and_mps_defaults_to_fp32(bf16_slower):
 
 
 def test_the_real_measurement_runs_quickly_and_is_positive():
-    trainkit.cpu_bf16_speedup.cache_clear()
-    assert trainkit.cpu_bf16_speedup((64, 32, 64), 0.01) > 0
-    assert trainkit.matmul_speed(None, (64, 32, 64), torch.device("cpu"), 0.01) > 0
+    trainkit.precision.cpu_bf16_speedup.cache_clear()
+    assert trainkit.precision.cpu_bf16_speedup((64, 32, 64), 0.01) > 0
+    assert trainkit.precision.matmul_speed(None, (64, 32, 64), torch.device("cpu"), 0.01) > 0
 
 
 def test_median_ratio_takes_turns_and_ignores_one_slowed_call():
@@ -98,7 +98,7 @@ def test_median_ratio_takes_turns_and_ignores_one_slowed_call():
     def timer(name, times):
         return lambda: calls.append(name) or next(times)
 
-    assert trainkit.median_ratio(timer("a", a), timer("b", b), seconds=0, min_pairs=5) == 2.0
+    assert trainkit.precision.median_ratio(timer("a", a), timer("b", b), seconds=0, min_pairs=5) == 2.0
     assert calls == ["a", "b"] * 5
 
 
@@ -125,7 +125,7 @@ def test_chunked_cross_entropy_keeps_tiny_fp16_gradients_for_the_loss_scale():
     F.cross_entropy(ref, targets).backward()
 
     scale = 2.0 ** 16
-    loss = llama.ChunkedCrossEntropy.apply(logits16, targets, 0.0)
+    loss = trainkit.losses.ChunkedCrossEntropy.apply(logits16, targets, 0.0)
     (loss * scale).backward()
     assert logits16.grad.dtype == torch.float16
     assert loss.item() == pytest.approx(F.cross_entropy(logits16.float(), targets).item(), rel=1e-5)

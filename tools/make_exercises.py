@@ -22,12 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ("transformer.py", "llama.py", "llama_generation.py")
-LIBRARIES = ("trainkit.py",)  # imported by the scripts, copied as they are
+PACKAGES = ("trainkit", "extras")  # what the lessons import (plumbing, sub-commands' features), copied as they are
 
 START = re.compile(r"^(?P<indent>[ \t]*)# EXERCISE\b(?P<rest>.*)$")
 NAMED = re.compile(r"^ (?P<name>[a-z][a-z0-9_]*): (?P<hint>\S.*)$")
@@ -115,8 +116,10 @@ def main(argv=None) -> int:
         (out_dir / script).write_text(text)
         print(f"{out_dir / script}: {len(names)} exercises ({', '.join(names)})")
     if not args.in_place:
-        for library in LIBRARIES:
-            (out_dir / library).write_text((source_dir / library).read_text())
+        for package in PACKAGES:
+            if (source_dir / package).is_dir():
+                shutil.copytree(source_dir / package, out_dir / package, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("__pycache__"))
     print(f"next: edit the TODOs, then `pytest --impl {out_dir}` (or `-m NAME` for one exercise)")
     return 0
 
