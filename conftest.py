@@ -25,18 +25,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent
 
-# name -> what the exercise is; the names match the `# EXERCISE <name>:` markers in the scripts.
-EXERCISES = {
-    "patch_embedding": "transformer.py: split an image into patches and project them",
-    "attention": "transformer.py: scaled dot-product attention in MultiHeadSelfAttention",
-    "encoder_block": "transformer.py: the pre-norm encoder block's forward",
-    "rmsnorm": "llama.py: RMSNorm",
-    "swiglu": "llama.py: SwiGLU in FeedForward",
-    "causal_mask": "llama.py: the causal mask, offset by start_pos",
-    "temperature_sampling": "llama_generation.py: sampling with temperature",
-    "top_k": "llama_generation.py: filter_top_k",
-    "top_p": "llama_generation.py: filter_top_p",
-}
+
+def _exercise_tool():
+    """tools/make_exercises.py, which holds the registry of exercises and reads the markers."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_exercises", ROOT / "tools" / "make_exercises.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+TOOL = _exercise_tool()
+# name -> what it is, from the registry; the names match the `# EXERCISE <name>:` markers in the scripts.
+EXERCISES = {name: f"{script}: {what}" for name, (script, what) in TOOL.EXERCISES.items()}
 
 
 def pytest_addoption(parser):
@@ -101,20 +103,15 @@ def pytest_terminal_summary(terminalreporter, config):
 def exercise_hints(impl_dir: Path) -> dict:
     """name -> 'file:line  hint' from the `# EXERCISE name: hint` markers of the scripts under test, read with
     tools/make_exercises.py's own parser; {} if the tool or a script cannot be read."""
-    import importlib.util
-
     try:
-        spec = importlib.util.spec_from_file_location("make_exercises", ROOT / "tools" / "make_exercises.py")
-        tool = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(tool)
         hints = {}
-        for script in tool.SCRIPTS:
+        for script in TOOL.SCRIPTS:
             path = impl_dir / script
             try:
                 shown = path.relative_to(Path.cwd())
             except ValueError:
                 shown = path
-            for region in tool.find_regions(path.read_text(), str(path)):
+            for region in TOOL.find_regions(path.read_text(), str(path)):
                 hints[region["name"]] = f"{shown}:{region['start'] + 1}  {region['hint']}"
         return hints
     except Exception:  # a broken marker is the tool's to report; the summary still lists the exercises

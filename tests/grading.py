@@ -15,11 +15,16 @@ check grades only what all of them share; the reference's own choice is tested b
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from make_exercises import EXERCISES  # noqa: E402  (the registry of exercises)
 
 
 class Wrong(AssertionError):
@@ -720,7 +725,7 @@ def _check_top_p(filter_top_p: Callable, cases) -> None:
 
 # Every graded check of each exercise, in the order the graded tests run them: the battery in
 # tests/test_grading.py runs all of them on each solution.
-CHECKS = {
+_CHECKS = {
     "patch_embedding": [check_patch_embedding],
     "attention": [check_attention, check_attention_formula],
     "encoder_block": [check_encoder_block, check_encoder_block_dropout],
@@ -731,6 +736,8 @@ CHECKS = {
     "top_k": [check_top_k, check_top_k_with_ties],
     "top_p": [check_top_p, check_top_p_with_ties],
 }
+# In the registry's order; a registered exercise without checks fails here, at import.
+CHECKS = {name: _CHECKS[name] for name in EXERCISES}
 
 
 def run_checks(exercise: str, impl) -> None:

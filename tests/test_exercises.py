@@ -19,18 +19,17 @@ sys.path.insert(0, str(ROOT / "tools"))
 import make_exercises as mk  # noqa: E402
 
 
-def _root_conftest():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("course_conftest", ROOT / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-EXERCISES = _root_conftest().EXERCISES  # the names the exercise summary reports on
+EXERCISES = mk.EXERCISES  # the registry: the names the markers and the exercise summary use
 
 pytestmark = pytest.mark.skipif(not all((ROOT / s).is_file() for s in mk.SCRIPTS), reason="needs the solutions")
+
+
+def test_markers_that_differ_from_the_registry_are_refused():
+    mk.check_registry("llama.py", ["rmsnorm", "swiglu", "causal_mask"])  # the registered three, any order
+    with pytest.raises(mk.MarkerError, match="no marker for: swiglu"):
+        mk.check_registry("llama.py", ["causal_mask", "rmsnorm"])
+    with pytest.raises(mk.MarkerError, match="not registered: layer_norm"):
+        mk.check_registry("transformer.py", ["patch_embedding", "attention", "encoder_block", "layer_norm"])
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +55,7 @@ def test_every_marked_region_becomes_one_todo_and_nothing_else_changes(student_c
                 next(line for line in copy.splitlines(keepends=True) if f'"TODO({r["name"]})' in line),
                 mk.solution_region(solution, r["name"]), 1)
         assert restored == solution
-    assert sorted(names) == sorted(EXERCISES), "the scripts' exercises and the conftest's list differ"
+    assert sorted(names) == sorted(EXERCISES), "the scripts' exercises and the registry differ"
 
 
 def test_the_student_copy_imports(student_copy):

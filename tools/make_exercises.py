@@ -28,6 +28,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ("transformer.py", "llama.py", "llama_generation.py")
+
+# The course's exercises, the one registry: the markers in the scripts must name exactly these, pytest's
+# summary (conftest.py) reports on them, tests/grading.py holds the checks of each, and the README lists them.
+EXERCISES = {
+    "patch_embedding": ("transformer.py", "split an image into patches and project them"),
+    "attention": ("transformer.py", "scaled dot-product attention in MultiHeadSelfAttention"),
+    "encoder_block": ("transformer.py", "the pre-norm encoder block's forward"),
+    "rmsnorm": ("llama.py", "RMSNorm"),
+    "swiglu": ("llama.py", "SwiGLU in FeedForward"),
+    "causal_mask": ("llama.py", "the causal mask, offset by start_pos"),
+    "temperature_sampling": ("llama_generation.py", "sampling with temperature"),
+    "top_k": ("llama_generation.py", "filter_top_k"),
+    "top_p": ("llama_generation.py", "filter_top_p"),
+}
 PACKAGES = ("trainkit", "extras")  # what the lessons import (plumbing, sub-commands' features), copied as they are
 
 START = re.compile(r"^(?P<indent>[ \t]*)# EXERCISE\b(?P<rest>.*)$")
@@ -91,6 +105,16 @@ def solution_region(source: str, name: str) -> str:
     raise KeyError(name)
 
 
+def check_registry(script: str, names: list[str]) -> None:
+    """The exercises marked in `script` must be the ones EXERCISES lists for it, in any order."""
+    expected = {name for name, (where, _) in EXERCISES.items() if where == script}
+    if set(names) != expected:
+        extra, missing = sorted(set(names) - expected), sorted(expected - set(names))
+        raise MarkerError(f"{script}: the markers and tools/make_exercises.py's EXERCISES differ"
+                          + (f"; not registered: {', '.join(extra)}" if extra else "")
+                          + (f"; no marker for: {', '.join(missing)}" if missing else ""))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Write the students' TODO copy of the course scripts.")
     where = p.add_mutually_exclusive_group(required=True)
@@ -108,6 +132,7 @@ def main(argv=None) -> int:
             if not path.is_file():
                 raise MarkerError(f"{path}: not found; --source must be the folder with {', '.join(SCRIPTS)}")
             made[script] = make_exercise(path.read_text(), str(path))
+            check_registry(script, made[script][1])
     except MarkerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
