@@ -43,3 +43,17 @@ def test_every_docs_page_is_linked_from_the_readme():
     readme = links(ROOT / "README.md")
     unlinked = [p.name for p in PAGES[1:] if not any(link.partition("#")[0] == f"docs/{p.name}" for link in readme)]
     assert not unlinked, f"docs pages the README does not link to: {unlinked}"
+
+
+def test_the_readmes_exercise_table_lists_the_registry_in_order():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from make_exercises import EXERCISES
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (\d) \| `(\w+)` \| [^|]*`(?:[^`|]*)`[^|]*\|", text, flags=re.M)
+    listed = [name for _, name in rows]
+    assert listed == list(EXERCISES), "the README's exercise table and tools/make_exercises.py's EXERCISES differ"
+    days = {"transformer.py": "1", "llama.py": "2", "llama_generation.py": "2"}
+    assert [day for day, _ in rows] == [days[EXERCISES[name][0]] for name in listed]
