@@ -129,8 +129,8 @@ def main(argv=None):
     p.add_argument("--json", metavar="PATH", help="also write the figures and the machine header to PATH")
     args = p.parse_args(argv)
     try:
-        device = llama.pick_device(args.device)
-    except llama.UserError as e:
+        device = trainkit.pick_device(args.device)
+    except trainkit.UserError as e:
         sys.exit(f"error: {e}")
     machine = describe_machine(device)
     print_header(machine)
