@@ -30,7 +30,7 @@ except ImportError:
 import llama  # noqa: E402
 import transformer as T  # noqa: E402
 from machine import describe_machine, print_header, write_json  # noqa: E402
-from trainkit import synchronize  # noqa: E402
+from trainkit.precision import synchronize  # noqa: E402
 
 TARGET = 0.95  # the auto choice trains at least this fast, relative to the faster of fp32 and bf16
 

@@ -132,9 +132,10 @@ def report(args, model, log: dict, streams: dict, tokenizer, device, precision, 
     if curves_path.is_file():
         metrics["loss_curves"] = str(curves_path)
     path = trainkit.write_metrics(metrics, Path(args.output_dir) / "metrics.json")
+    trainkit.print_metrics(metrics)
     for text in metrics.get("samples", []):
         print(f"\n--- sample ---\n{text}")
-    trainkit.print_metrics(metrics, path)
+    print(f"\nmetrics written to {path}")
 
 
 # ----------------------------------------------------------------------------------------------------
