@@ -164,8 +164,8 @@ def generate_tokens(model: Transformer, prompt: torch.Tensor, max_new_tokens: in
 
     cache = new_cache() if use_cache else None
     tokens = prompt
-    # The next token is chosen from float32 logits, as Hugging Face's generate does: exact for greedy, and on a
-    # CPU an argmax over 50k bf16 numbers takes about 3 times as long as converting them and taking it in fp32.
+    # The next token is chosen from float32 logits, as Hugging Face's generate does, so that both choose the same
+    # token from the same logits whatever dtype the model computes in.
     logits = (model(prompt, 0, cache) if use_cache else whole(prompt))[:, -1].float()
     finished = torch.zeros(batch, 1, dtype=torch.bool, device=prompt.device)
     reason = "max_new_tokens"
@@ -313,7 +313,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "folder) in our Transformer, with its own tokenizer, instead of --checkpoint")
     r.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template "
                    "(instruct models)")
-    bare = p.add_argument_group("for a bare state_dict without ModelArgs (the original course format)")
+    bare = p.add_argument_group("for a checkpoint that is a bare state_dict, without its ModelArgs")
     bare.add_argument("--n-heads", type=int)
     bare.add_argument("--n-kv-heads", type=int)
     bare.add_argument("--max-seq-len", type=int, help="with --hf-model: positions the KV cache holds (default: "

@@ -1,5 +1,5 @@
 """The sub-commands of llama.py and llama_generation.py around the lesson: evaluation, real weights in and out,
-the older checkpoint format, and the report that ends a training run.
+checkpoints that are a bare state_dict, and the report that ends a training run.
 
     python llama.py --eval-only --checkpoint llama_wikitext_trained.pth --split test
     python llama.py --eval-only --hf-model HuggingFaceTB/SmolLM2-135M
@@ -156,8 +156,8 @@ def load_hf_for_generation(args, device):
 
 
 def load_bare_state_dict(state: dict, path: str, args) -> llama.Transformer:
-    """A bare state_dict (the original course format): dim, n_layers and vocab_size are read off the weights'
-    shapes, the rest comes from the flags --n-heads, --n-kv-heads, --max-seq-len, --multiple-of."""
+    """A checkpoint that is a bare state_dict, without its ModelArgs: dim, n_layers and vocab_size are read off
+    the weights' shapes, the rest comes from the flags --n-heads, --n-kv-heads, --max-seq-len, --multiple-of."""
     if "tok_embeddings.weight" not in state:
         raise UserError(f"{path} is neither a llama.py checkpoint nor a LLaMA state_dict")
     if args.n_heads is None:
