@@ -583,11 +583,10 @@ def train(model: Transformer, streams: dict, cfg: TrainConfig, device: torch.dev
     log = {"status": "completed", "steps": 0, "tokens_seen": 0, "train_time_s": 0.0, "elapsed_s": 0.0,
            "best_val_loss": math.inf, "best_step": 0, "recent_losses": [], "val_history": [], "signal": 0,
            "train_curve": [], "val_curve": []}
-    step = 0
-    if resume:
+    step = resume["step"] if resume else 0
+    if resume:  # the weights, the optimizer's moments, the log and the random generators where the run stopped
         trainer.load_state_dict(resume)
         log.update(resume["log"], status="completed", signal=0)
-        step = resume["step"]
         trainkit.set_rng_state(resume["rng"])
     model.train()
 
@@ -608,9 +607,8 @@ def train(model: Transformer, streams: dict, cfg: TrainConfig, device: torch.dev
         return {**trainer.state_dict(), "step": step, "batches_drawn": step * cfg.grad_accum, "log": dict(log),
                 "rng": trainkit.rng_state()}
 
-    start = time.perf_counter()
-    bar = tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}",
-               disable=not trainkit.is_main())
+    start, bar = time.perf_counter(), tqdm(total=100, unit="%", disable=not trainkit.is_main(),
+                                           bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
     # max_steps, the time budget and SIGINT/SIGTERM (which only raise a flag inside), agreed by all processes
     budget = trainkit.Budget(cfg.max_steps, cfg.time_budget, log["elapsed_s"])
     try:
