@@ -14,6 +14,9 @@ from the previous steps instead of being recomputed.
     python llama_generation.py                                  # after `python llama.py`
     python llama_generation.py --tokenizer ../shared/data/gpt2-tokenizer --prompt "The river" --strategy top_p
     python llama_generation.py --hf-model HuggingFaceTB/SmolLM2-135M      # real weights in our Transformer
+    python llama_generation.py --strategy top_p --show-probs              # what each strategy keeps, step by step
+
+--hf-model, --show-probs and the older bare state_dict checkpoints are the tool's (extras/).
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from llama import (CHECKPOINT, KVCache, Transformer, UserError, build_model, decoding_kernels, load_hf_model,
-                   load_tokenizer, pick_device, read_checkpoint)
+import llama
+import trainkit
+from llama import KVCache, Transformer
+from trainkit import UserError
 
 STRATEGIES = ("greedy", "sample", "top_k", "top_p")
 
@@ -105,6 +110,15 @@ class Sampler:
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
 
+    def warp(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits the next token is drawn from: float32, divided by the temperature, then filtered."""
+        logits = logits.float() / self.temperature
+        if self.strategy == "top_k":
+            logits = filter_top_k(logits, min(self.top_k, logits.size(-1)))
+        elif self.strategy == "top_p":
+            logits = filter_top_p(logits, self.top_p)  # the nucleus of the tempered distribution
+        return logits
+
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if self.strategy == "greedy":
             return pick_greedy(logits)
@@ -113,76 +127,7 @@ class Sampler:
         # the same tokens from the same logits (it uses the global generator, ours one seeded with the same seed).
         if self.strategy == "sample":  # nothing to filter: the temperature exercise does all of it
             return sample_with_temperature(logits, self.temperature, self.generator)
-        logits = logits.float() / self.temperature
-        if self.strategy == "top_k":
-            logits = filter_top_k(logits, min(self.top_k, logits.size(-1)))
-        elif self.strategy == "top_p":
-            logits = filter_top_p(logits, self.top_p)  # the nucleus of the tempered distribution
-        return sample_with_temperature(logits, 1.0, self.generator)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Seeing what a strategy keeps (--show-probs)
-
-
-def sampling_distribution(logits: torch.Tensor, sampler: Sampler) -> torch.Tensor:
-    """The probabilities (batch, vocab) that `sampler` draws the next token from: softmax of the logits after
-    its temperature and filter, the same steps as Sampler.__call__; greedy puts all the mass on the argmax.
-    A token the filter removed has probability exactly 0; the others are renormalised to sum to 1."""
-    if sampler.strategy == "greedy":
-        return F.one_hot(pick_greedy(logits)[..., 0], logits.shape[-1]).float()
-    logits = logits.float() / sampler.temperature
-    if sampler.strategy == "top_k":
-        logits = filter_top_k(logits, min(sampler.top_k, logits.size(-1)))
-    elif sampler.strategy == "top_p":
-        logits = filter_top_p(logits, sampler.top_p)
-    return F.softmax(logits, dim=-1)
-
-
-@dataclass
-class Candidate:
-    """One row of the --show-probs table."""
-
-    token: int
-    p_model: float  # softmax(logits): what the model says
-    p_tempered: float  # softmax(logits / temperature), before any filter (greedy: the model's)
-    p_drawn: float  # what the sampler draws from, after temperature and filter; 0 when the filter cut it
-
-
-def top_candidates(logits: torch.Tensor, sampler: Sampler, n: int = 10, also: Optional[int] = None) -> list[Candidate]:
-    """The n most likely next tokens of one row of logits (vocab,), with their probabilities before and
-    after the strategy's temperature and filter, most likely first; token `also` is added last if not among them."""
-    logits = logits.float()
-    p_model = F.softmax(logits, dim=-1)
-    t = sampler.temperature if sampler.strategy != "greedy" else 1.0
-    p_tempered = F.softmax(logits / t, dim=-1)
-    p_drawn = sampling_distribution(logits[None], sampler)[0]
-    top = torch.topk(p_model, min(n, logits.shape[-1])).indices.tolist()
-    if also is not None and also not in top:
-        top.append(also)
-    return [Candidate(i, float(p_model[i]), float(p_tempered[i]), float(p_drawn[i])) for i in top]
-
-
-def describe_strategy(sampler: Sampler) -> str:
-    settings = {"greedy": "", "sample": f"temperature {sampler.temperature:g}",
-                "top_k": f"temperature {sampler.temperature:g}, k {sampler.top_k}",
-                "top_p": f"temperature {sampler.temperature:g}, p {sampler.top_p:g}"}[sampler.strategy]
-    return sampler.strategy + (f" ({settings})" if settings else "")
-
-
-def format_candidates(step: int, logits: torch.Tensor, sampler: Sampler, tokenizer, chosen: int,
-                      n: int = 10) -> str:
-    """The --show-probs table of one step; '>' marks the token that was drawn."""
-    n_kept = int((sampling_distribution(logits[None].float(), sampler) > 0).sum())
-    t = sampler.temperature if sampler.strategy != "greedy" else 1.0
-    lines = [f"  step {step}, {describe_strategy(sampler)}: {n_kept:,} of {logits.shape[-1]:,} tokens can be drawn",
-             f"      {'token':<18}{'p':>9}{f'p at T={t:g}':>13}{'drawn from':>12}"]
-    for c in top_candidates(logits, sampler, n, also=chosen):
-        drawn = f"{c.p_drawn:.4f}" if c.p_drawn > 0 else "cut"
-        mark = ">" if c.token == chosen else " "
-        lines.append(f"    {mark} {repr(tokenizer.decode([c.token]))[:18]:<18}{c.p_model:>9.4f}{c.p_tempered:>13.4f}"
-                     f"{drawn:>12}")
-    return "\n".join(lines)
+        return sample_with_temperature(self.warp(logits), 1.0, self.generator)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,8 +164,8 @@ def generate_tokens(model: Transformer, prompt: torch.Tensor, max_new_tokens: in
 
     cache = new_cache() if use_cache else None
     tokens = prompt
-    # The next token is chosen from float32 logits, as Hugging Face's generate does: exact for greedy, and on a
-    # CPU an argmax over 50k bf16 numbers takes about 3 times as long as converting them and taking it in fp32.
+    # The next token is chosen from float32 logits, as Hugging Face's generate does, so that both choose the same
+    # token from the same logits whatever dtype the model computes in.
     logits = (model(prompt, 0, cache) if use_cache else whole(prompt))[:, -1].float()
     finished = torch.zeros(batch, 1, dtype=torch.bool, device=prompt.device)
     reason = "max_new_tokens"
@@ -316,54 +261,38 @@ def generate(model: Transformer, tokenizer, prompt, device, max_length: int = 50
     return texts, reason
 
 
-# The course's four entry points, one per strategy.
+# The course's four entry points, one per strategy: a prompt in, its continuation (without the prompt) out.
+
 
 def generate_text_greedy(model, tokenizer, prompt, device, max_length=50, temperature=1.0):
-    return generate(model, tokenizer, prompt, device, max_length, "greedy")[0][0]
+    """The most likely token at every step. `temperature` is accepted so the four functions take the same
+    arguments, but it cannot change the result: argmax(logits / T) is argmax(logits) for every T > 0."""
+    return generate(model, tokenizer, prompt, device, max_length, "greedy", temperature)[0][0]
 
 
 def generate_text_sampling(model, tokenizer, prompt, device, max_length=50, temperature=1.0, seed=None):
+    """A draw from softmax(logits / temperature) at every step; the same seed gives the same text."""
     return generate(model, tokenizer, prompt, device, max_length, "sample", temperature, seed=seed)[0][0]
 
 
 def generate_text_topk(model, tokenizer, prompt, device, max_length=50, temperature=1.0, top_k=50, seed=None):
+    """A draw from the top_k most likely tokens, after the temperature; top_k=1 is greedy."""
     return generate(model, tokenizer, prompt, device, max_length, "top_k", temperature, top_k=top_k, seed=seed)[0][0]
 
 
 def generate_text_topp(model, tokenizer, prompt, device, max_length=50, temperature=1.0, top_p=0.9, seed=None):
+    """A draw from the nucleus: the most likely tokens holding top_p of the tempered probability mass."""
     return generate(model, tokenizer, prompt, device, max_length, "top_p", temperature, top_p=top_p, seed=seed)[0][0]
 
 
 # ----------------------------------------------------------------------------------------------------
-# Loading and the command line
-
-
-def load_model(path: str, device, n_heads: Optional[int] = None, n_kv_heads: Optional[int] = None,
-               max_seq_len: Optional[int] = None, multiple_of: Optional[int] = None) -> tuple[Transformer, dict]:
-    """A checkpoint saved by llama.py carries its ModelArgs. A bare state_dict (the original course format)
-    also loads: dim, n_layers and vocab_size are read off the weights' shapes, the rest comes from the flags."""
-    ckpt = read_checkpoint(path, device)
-    if isinstance(ckpt, dict) and "model_args" in ckpt and "model" in ckpt:
-        return build_model(ckpt["model_args"], ckpt["model"], path).to(device), ckpt
-    if not isinstance(ckpt, dict) or "tok_embeddings.weight" not in ckpt:
-        raise UserError(f"{path} is neither a llama.py checkpoint nor a LLaMA state_dict")
-    if n_heads is None:
-        raise UserError(f"{path} is a bare state_dict without its ModelArgs; give --n-heads (and --n-kv-heads, "
-                        "--max-seq-len, --multiple-of if they differ from the defaults) it was trained with")
-    vocab_size, dim = ckpt["tok_embeddings.weight"].shape
-    n_layers = len({k.split(".")[1] for k in ckpt if k.startswith("layers.")})
-    tied = "output.weight" not in ckpt or torch.equal(ckpt["output.weight"], ckpt["tok_embeddings.weight"])
-    args = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
-                tie_embeddings=tied)
-    args.update({k: v for k, v in dict(max_seq_len=max_seq_len, multiple_of=multiple_of).items() if v is not None})
-    model = build_model(args, ckpt, path)
-    return model.to(device), {"model_args": args}
+# The command line
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Generate text with the LLaMA trained by llama.py.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default=CHECKPOINT, help="written by llama.py")
+    p = trainkit.OneLineParser(description="Generate text with the LLaMA trained by llama.py.",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default=llama.CHECKPOINT, help="written by llama.py")
     p.add_argument("--tokenizer", help="Hub name or local folder (default: the one recorded in the checkpoint)")
     p.add_argument("--prompt", nargs="+", default=["In a world where"],
                    help="one or more prompts, decoded together as one batch")
@@ -384,93 +313,69 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "folder) in our Transformer, with its own tokenizer, instead of --checkpoint")
     r.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template "
                    "(instruct models)")
-    bare = p.add_argument_group("for a bare state_dict without ModelArgs (the original course format)")
+    bare = p.add_argument_group("for a checkpoint that is a bare state_dict, without its ModelArgs")
     bare.add_argument("--n-heads", type=int)
     bare.add_argument("--n-kv-heads", type=int)
     bare.add_argument("--max-seq-len", type=int, help="with --hf-model: positions the KV cache holds (default: "
-                      f"the model's max_position_embeddings, at most {HF_DEFAULT_CONTEXT})")
+                      "the model's max_position_embeddings, at most 4096)")
     bare.add_argument("--multiple-of", type=int)
     return p.parse_args(argv)
 
 
-HF_DEFAULT_CONTEXT = 4096  # a Llama 3.2 allows 131,072 positions: 4 GiB of KV cache for the 1B model in bf16
-
-
-def load_hf(args, device) -> tuple[Transformer, object]:
-    """--hf-model: the checkpoint in our Transformer, in its own dtype where the device is fast in it (see
-    llama.inference_dtype), and its tokenizer."""
-    model, why = load_hf_model(args.hf_model, device, args.max_seq_len or HF_DEFAULT_CONTEXT)
-    tokenizer = load_tokenizer(args.tokenizer or args.hf_model)
-    print(f"{args.hf_model}: {model.num_params() / 1e6:.1f}M parameters, "
-          f"{str(model.output.weight.dtype).removeprefix('torch.')} ({why}), context {model.params.max_seq_len}",
-          file=sys.stderr)
-    return model, tokenizer
-
-
-def run(args) -> int:
-    if args.max_new_tokens < 1 or args.num_samples < 1:
-        raise UserError("--max-new-tokens and --num-samples must be at least 1")
-    if args.show_probs < 0:
-        raise UserError(f"--show-probs takes a number of steps >= 0, got {args.show_probs}")
-    strategies = STRATEGIES if args.strategy == "all" else (args.strategy,)
-    for strategy in strategies:
-        Sampler(strategy, args.temperature, args.top_k, args.top_p)  # check the flags before loading anything
-    device = pick_device(args.device)
+def load_model(args, device) -> tuple[Transformer, object]:
+    """The model and its tokenizer: a checkpoint saved by llama.py or, through the tool (extras/llama_commands.py),
+    a Hugging Face Llama or a bare state_dict."""
     if args.hf_model:
-        model, tokenizer = load_hf(args, device)
+        from extras.llama_commands import load_hf_for_generation
+
+        return load_hf_for_generation(args, device)
+    ckpt = trainkit.read_checkpoint(args.checkpoint, llama.TRAIN_FIRST)
+    if "model_args" in ckpt and "model" in ckpt:
+        model = llama.build_model(ckpt["model_args"], ckpt["model"], args.checkpoint)
     else:
-        model, ckpt = load_model(args.checkpoint, device, args.n_heads, args.n_kv_heads, args.max_seq_len,
-                                 args.multiple_of)
-        tokenizer = load_tokenizer(args.tokenizer or ckpt.get("tokenizer") or "gpt2")
-    chat = args.chat and tokenizer.chat_template is not None
-    if args.chat and not chat:
-        print("note: the tokenizer has no chat template; --chat is ignored", file=sys.stderr)
-    if len(tokenizer) > model.params.vocab_size:
-        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model was trained with "
-                        f"{model.params.vocab_size}; pass the --tokenizer it was trained with")
-    print(decoding_kernels(model, len(args.prompt) * args.num_samples).describe(), file=sys.stderr)
-    for strategy in strategies:
-        print(f"=== {strategy} ===")
-        print(args.prompt[0], end="", flush=True)
-        stream = lambda piece: print(piece, end="", flush=True)  # noqa: E731
-        texts, reason = generate(model, tokenizer, args.prompt, device, args.max_new_tokens, strategy,
-                                 args.temperature, args.top_k, args.top_p, args.seed, args.num_samples, stream,
-                                 chat, show_probs(args.show_probs, tokenizer))
-        print()
-        for i, text in enumerate(texts[1:], start=1):  # the rest of the batch, after the streamed first
-            prompt_index, sample = divmod(i, args.num_samples)
-            label = f"sample {sample + 1}" + (f" of prompt {prompt_index + 1}" if len(args.prompt) > 1 else "")
-            print(f"--- {label} ---\n{args.prompt[prompt_index]}{text}")
-        print(f"[stopped: {reason}]\n")
-    return 0
+        from extras.llama_commands import load_bare_state_dict
 
-
-def show_probs(steps: int, tokenizer, n: int = 10):
-    """An on_choice for generate() that prints the candidates table of the first row for the first `steps`
-    steps (None when steps is 0). The text generated so far goes on streaming between the tables."""
-    if steps <= 0:
-        return None
-    done = [0]
-
-    def on_choice(logits, chosen, sampler):
-        if done[0] < steps:
-            done[0] += 1
-            print("\n" + format_candidates(done[0], logits[0], sampler, tokenizer, int(chosen[0, 0]), n), flush=True)
-
-    return on_choice
+        model = load_bare_state_dict(ckpt, args.checkpoint, args)
+    return model.to(device), llama.tokenizer_for(model, args.tokenizer or ckpt.get("tokenizer") or "gpt2")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        raise SystemExit(130)
+    with trainkit.one_line_errors("llama_generation.py"):
+        if args.max_new_tokens < 1 or args.num_samples < 1:
+            raise UserError("--max-new-tokens and --num-samples must be at least 1")
+        if args.show_probs < 0:
+            raise UserError(f"--show-probs takes a number of steps >= 0, got {args.show_probs}")
+        strategies = STRATEGIES if args.strategy == "all" else (args.strategy,)
+        for strategy in strategies:
+            Sampler(strategy, args.temperature, args.top_k, args.top_p)  # check the flags before loading anything
+        device = trainkit.pick_device(args.device)
+        model, tokenizer = load_model(args, device)
+        chat = args.chat and tokenizer.chat_template is not None
+        if args.chat and not chat:
+            print("note: the tokenizer has no chat template; --chat is ignored", file=sys.stderr)
+        for strategy in strategies:
+            on_choice = None
+            if args.show_probs:  # the candidates table of the first steps (extras/show_probs.py)
+                from extras.show_probs import show_probs
+
+                on_choice = show_probs(args.show_probs, tokenizer)
+            print(f"=== {strategy} ===")
+            print(args.prompt[0], end="", flush=True)
+            stream = lambda piece: print(piece, end="", flush=True)  # noqa: E731
+            texts, reason = generate(model, tokenizer, args.prompt, device, args.max_new_tokens, strategy,
+                                     args.temperature, args.top_k, args.top_p, args.seed, args.num_samples, stream,
+                                     chat, on_choice)
+            print()
+            for i, text in enumerate(texts[1:], start=1):  # the rest of the batch, after the streamed first
+                prompt_index, sample = divmod(i, args.num_samples)
+                label = f"sample {sample + 1}" + (f" of prompt {prompt_index + 1}" if len(args.prompt) > 1 else "")
+                print(f"--- {label} ---\n{args.prompt[prompt_index]}{text}")
+            print(f"[stopped: {reason}]\n")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import llama_generation  # one module object, whether run as a script or imported by the tool (extras/, tests)
+
+    sys.exit(llama_generation.main())

@@ -30,7 +30,7 @@ except ImportError:
 import llama  # noqa: E402
 import transformer as T  # noqa: E402
 from machine import describe_machine, print_header, write_json  # noqa: E402
-from trainkit import synchronize  # noqa: E402
+from trainkit.precision import synchronize  # noqa: E402
 
 TARGET = 0.95  # the auto choice trains at least this fast, relative to the faster of fp32 and bf16
 
@@ -129,8 +129,8 @@ def main(argv=None):
     p.add_argument("--json", metavar="PATH", help="also write the figures and the machine header to PATH")
     args = p.parse_args(argv)
     try:
-        device = llama.pick_device(args.device)
-    except llama.UserError as e:
+        device = trainkit.pick_device(args.device)
+    except trainkit.UserError as e:
         sys.exit(f"error: {e}")
     machine = describe_machine(device)
     print_header(machine)

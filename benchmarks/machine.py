@@ -34,7 +34,7 @@ def cpu_model() -> str:
 def matmul_peak(device: torch.device, bf16_autocast: bool, n: int | None = None) -> float:
     """FLOP/s of a dense n x n x n float32 matmul, plain or under bf16 autocast: the best of repeated timings
     (trainkit.precision.matmul_speed, the same timer --precision auto uses)."""
-    from trainkit import matmul_speed  # the benchmarks put the repository root on sys.path first
+    from trainkit.precision import matmul_speed  # the benchmarks put the repository root on sys.path first
 
     n = n or (2048 if device.type == "cpu" else 8192)
     return matmul_speed(torch.bfloat16 if bf16_autocast else None, (n, n, n), device, seconds=0.5)

@@ -208,6 +208,64 @@ def checkpoint(tmp_path_factory, tiny_tokenizer_dir):
     return path, model
 
 
+# ----------------------------------------------------------------------------------------------------
+# The course's four entry points: each follows every one of its arguments
+
+
+@pytest.fixture(scope="module")
+def entry_args(checkpoint, tiny_tokenizer_dir):
+    """(model, tokenizer, prompt, device, max_length) for generate_text_*."""
+    return checkpoint[1], llama.load_tokenizer(tiny_tokenizer_dir), "The river", "cpu", 20
+
+
+@pytest.mark.needs(*DAY2)
+def test_generate_text_greedy_stops_at_max_length_and_is_the_same_at_every_temperature(entry_args):
+    text = gen.generate_text_greedy(*entry_args)
+    shorter = gen.generate_text_greedy(*entry_args[:4], max_length=5)
+    assert text.startswith(shorter) and len(shorter) < len(text)
+    # argmax(logits / T) = argmax(logits): the documented reason greedy's temperature changes nothing
+    assert gen.generate_text_greedy(*entry_args, temperature=0.3) == gen.generate_text_greedy(*entry_args, 3.0) == text
+
+
+@pytest.mark.needs(*DAY2, "temperature_sampling")
+def test_generate_text_sampling_follows_its_seed_temperature_and_max_length(entry_args):
+    text = gen.generate_text_sampling(*entry_args, temperature=1.0, seed=1)
+    assert gen.generate_text_sampling(*entry_args, temperature=1.0, seed=1) == text
+    assert gen.generate_text_sampling(*entry_args, temperature=1.0, seed=2) != text
+    assert gen.generate_text_sampling(*entry_args, temperature=3.0, seed=1) != text
+    assert gen.generate_text_sampling(*entry_args, temperature=1e-3, seed=1) == gen.generate_text_greedy(*entry_args)
+    shorter = gen.generate_text_sampling(*entry_args[:4], max_length=5, temperature=1.0, seed=1)
+    assert text.startswith(shorter) and len(shorter) < len(text)  # the same first draws, fewer of them
+
+
+@pytest.mark.needs(*DAY2, "temperature_sampling", "top_k")
+def test_generate_text_topk_follows_k_seed_and_temperature(entry_args):
+    greedy = gen.generate_text_greedy(*entry_args)
+    assert gen.generate_text_topk(*entry_args, temperature=2.0, top_k=1, seed=1) == greedy  # only the top token
+    text = gen.generate_text_topk(*entry_args, temperature=1.0, top_k=50, seed=1)
+    assert text != greedy
+    assert gen.generate_text_topk(*entry_args, temperature=1.0, top_k=50, seed=1) == text
+    assert gen.generate_text_topk(*entry_args, temperature=1.0, top_k=50, seed=2) != text
+    assert gen.generate_text_topk(*entry_args, temperature=3.0, top_k=50, seed=1) != text
+    everything = entry_args[0].params.vocab_size  # nothing filtered: plain sampling, draw for draw
+    assert gen.generate_text_topk(*entry_args, temperature=1.3, top_k=everything, seed=1) == \
+        gen.generate_text_sampling(*entry_args, temperature=1.3, seed=1)
+
+
+@pytest.mark.needs(*DAY2, "temperature_sampling", "top_p")
+def test_generate_text_topp_follows_p_seed_and_temperature(entry_args):
+    greedy = gen.generate_text_greedy(*entry_args)
+    assert gen.generate_text_topp(*entry_args, temperature=2.0, top_p=1e-6, seed=1) == greedy  # the top token alone
+    text = gen.generate_text_topp(*entry_args, temperature=1.0, top_p=0.9, seed=1)
+    assert text != greedy
+    assert gen.generate_text_topp(*entry_args, temperature=1.0, top_p=0.9, seed=1) == text
+    assert gen.generate_text_topp(*entry_args, temperature=1.0, top_p=0.9, seed=2) != text
+    assert gen.generate_text_topp(*entry_args, temperature=3.0, top_p=0.9, seed=1) != text
+    assert gen.generate_text_topp(*entry_args, temperature=1.0, top_p=0.3, seed=1) != text
+    assert gen.generate_text_topp(*entry_args, temperature=1.3, top_p=1.0, seed=1) == \
+        gen.generate_text_sampling(*entry_args, temperature=1.3, seed=1)  # p = 1 keeps everything
+
+
 def run_main(argv, capsys):
     return call_main(gen.main, argv, capsys)
 

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import llama
 import llama_generation as gen
+from extras import llama_hf
 from helpers import call_main
 
 DAY2 = ("rmsnorm", "swiglu", "causal_mask")  # the model's exercises, needed by every test that runs it
@@ -75,7 +76,7 @@ def run(main, argv, capsys):
 @pytest.mark.needs(*DAY2)
 def test_imported_logits_equal_hf_llama_for_causal_lm(hf_dir):
     path, hf = hf_dir
-    ours, _ = llama.load_hf_model(path, "cpu")
+    ours, _ = llama_hf.load_hf_model(path, "cpu")
     assert (ours.output.weight is ours.tok_embeddings.weight) == hf.config.tie_word_embeddings  # one matrix
     assert not any(p.is_meta for p in ours.parameters()) and not ours.freqs_cis.is_meta
     tokens = torch.randint(0, hf.config.vocab_size, (2, 100), generator=torch.Generator().manual_seed(1))
@@ -87,12 +88,12 @@ def test_imported_logits_equal_hf_llama_for_causal_lm(hf_dir):
 def test_model_args_read_every_detail_of_the_config(hf_dir):
     path, hf = hf_dir
     c = hf.config
-    args = llama.model_args_from_hf_config(llama.read_hf_config(path))
+    args = llama_hf.model_args_from_hf_config(llama_hf.read_hf_config(path))
     assert (args.n_kv_heads, args.hidden_dim, args.tie_embeddings, args.norm_eps, args.max_seq_len) == \
         (c.num_key_value_heads, c.intermediate_size, c.tie_word_embeddings, c.rms_norm_eps, 128)
     assert args.rope_theta == c.rope_parameters["rope_theta"]
     assert (args.rope_scaling is None) == (c.rope_parameters["rope_type"] == "default")
-    assert llama.model_args_from_hf_config(c, max_seq_len=40).max_seq_len == 40  # --max-seq-len caps it
+    assert llama_hf.model_args_from_hf_config(c, max_seq_len=40).max_seq_len == 40  # --max-seq-len caps it
 
 
 def test_llama3_rotary_frequencies_equal_hf_rope_init():
@@ -102,7 +103,7 @@ def test_llama3_rotary_frequencies_equal_hf_rope_init():
                          rope_parameters=CONFIGS["mqa_llama3_scaling"]["rope_parameters"]
                          | {"original_max_position_embeddings": 8192})
     expected, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
-    args = llama.model_args_from_hf_config(config, max_seq_len=2)
+    args = llama_hf.model_args_from_hf_config(config, max_seq_len=2)
     freqs = llama.precompute_freqs_cis(args.head_dim, 2, args.rope_theta, args.rope_scaling)[1].angle()
     torch.testing.assert_close(freqs, expected, rtol=1e-6, atol=0)  # position 1: the angle is the frequency
     assert not torch.allclose(expected, llama.precompute_freqs_cis(args.head_dim, 2, args.rope_theta)[1].angle())
@@ -119,7 +120,7 @@ def hf_continuation(hf, tokenizer, prompt, seed=None, **kwargs) -> str:
 @pytest.mark.needs(*DAY2)
 def test_greedy_decoding_equals_hf_generate(hf_dir, tokenizer):
     path, hf = hf_dir
-    ours, _ = llama.load_hf_model(path, "cpu")  # what --hf-model loads
+    ours, _ = llama_hf.load_hf_model(path, "cpu")  # what --hf-model loads
     texts, _ = gen.generate(ours, tokenizer, "The city was", "cpu", 24, "greedy")
     assert texts[0] == hf_continuation(hf, tokenizer, "The city was", do_sample=False)
 
@@ -130,7 +131,7 @@ def test_seeded_sampling_equals_hf_generate_do_sample(hf_dir, tokenizer, strateg
     # HF draws with torch.multinomial(softmax(warped float32 logits), 1) from the global generator, after
     # temperature, top-k and top-p in that order; our sampler does the same from a generator seeded alike.
     path, hf = hf_dir
-    ours, _ = llama.load_hf_model(path, "cpu")
+    ours, _ = llama_hf.load_hf_model(path, "cpu")
     texts, _ = gen.generate(ours, tokenizer, "The river", "cpu", 24, strategy, temperature=1.3, top_k=20,
                             top_p=0.8, seed=seed)
     expected = hf_continuation(hf, tokenizer, "The river", seed, do_sample=True, temperature=1.3,
@@ -162,13 +163,13 @@ def test_generation_cli_caps_the_context_with_max_seq_len(hf_dir, capsys):
 def test_bos_ids_are_what_the_tokenizer_adds_itself(tokenizer):
     from tokenizers import processors
 
-    assert llama.bos_ids(tokenizer) == []  # GPT-2 style: nothing
+    assert llama_hf.bos_ids(tokenizer) == []  # GPT-2 style: nothing
     with_bos = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
     bos = with_bos.convert_tokens_to_ids("<|endoftext|>")
     with_bos._tokenizer.post_processor = processors.TemplateProcessing(
         single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
     assert with_bos("a")["input_ids"][0] == bos
-    assert llama.bos_ids(with_bos) == [bos]
+    assert llama_hf.bos_ids(with_bos) == [bos]
     assert gen.encode_prompt(with_bos, "The city", 64)[0] == bos  # the prompt keeps the tokenizer's BOS
 
 
@@ -280,7 +281,7 @@ def test_exported_model_in_from_pretrained_gives_our_logits(exported):
 
 def test_importing_an_export_gives_back_the_same_weights(exported):
     path, model = exported
-    back, _ = llama.load_hf_model(path, "cpu")
+    back, _ = llama_hf.load_hf_model(path, "cpu")
     assert back.params.tie_embeddings == model.params.tie_embeddings
     assert back.params.max_seq_len == model.params.max_seq_len and back.params.rope_theta == 20000.0
     original, imported = model.state_dict(), back.state_dict()
@@ -333,7 +334,7 @@ def test_cli_chat_uses_the_template_and_says_when_there_is_none(hf_dir, tokenize
     chat = AutoTokenizer.from_pretrained(path)
     chat.chat_template = CHAT_TEMPLATE
     chat.save_pretrained(tmp_path)
-    ours, _ = llama.load_hf_model(path, "cpu")
+    ours, _ = llama_hf.load_hf_model(path, "cpu")
     texts, _ = gen.generate(ours, chat, "Hello", "cpu", 6, "greedy", chat=True)
     ids = torch.tensor([gen.encode_prompt(chat, "Hello", 64, chat=True)])
     new = hf.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:]

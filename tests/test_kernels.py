@@ -1,9 +1,8 @@
-"""The speed choices in llama.py give the same numbers as the plain path they replace.
+"""The speed choices in llama.py and trainkit give the same numbers as the plain path they replace.
 
-SDPA's is_causal against the explicit causal_mask, decoding steps on every matmul kernel choice (oneDNN on or
-off, the output matrix in either layout) against the whole forward, and the cross-entropy's chunk size rule.
-No timings are asserted: which path is faster depends on the machine; these tests check that every path a
-machine may choose computes the same thing.
+SDPA's is_causal against the explicit causal_mask, the measured choice of decoding kernels (trainkit.kernels),
+and the cross-entropy's chunk size rule. No timings are asserted: which path is faster depends on the machine;
+these tests check that every path a machine may choose computes the same thing.
 """
 
 import pytest
@@ -72,32 +71,6 @@ def test_explicit_mask_path_is_what_cached_prefill_at_an_offset_takes(monkeypatc
         assert calls == []  # is_causal
         model(tokens[:, 5:], 5, cache)
     assert calls == [(7, 5)]
-
-
-# Every (oneDNN, output layout) a machine may choose for decoding steps; None: not a CPU, the flag left alone.
-KERNEL_CHOICES = [(True, False), (True, True), (False, False), (False, True), (None, True)]
-
-
-@NEEDS_DAY2
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("onednn,transposed", KERNEL_CHOICES, ids=lambda v: str(v))
-def test_decoding_on_every_kernel_choice_equals_the_whole_forward(onednn, transposed, dtype, monkeypatch):
-    chosen = trainkit.kernels.RowKernels(onednn, transposed, {(onednn, transposed): 1.0})
-    monkeypatch.setattr(llama, "decoding_kernels", lambda model, rows: chosen)
-    model = tiny_model().eval().to(dtype)
-    seen = []  # oneDNN's setting while the first block runs, prompt then each step
-    model.layers[0].register_forward_hook(lambda *_: seen.append(torch.backends.mkldnn.enabled))
-    tokens = torch.randint(0, 101, (2, 10), generator=torch.Generator().manual_seed(3))
-    cache = llama.KVCache(model.params, 2, dtype=dtype)
-    with torch.no_grad():
-        whole = model(tokens)
-        steps = [model(tokens[:, :4], 0, cache)] + [model(tokens[:, i:i + 1], i, cache) for i in range(4, 10)]
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(torch.cat(steps, dim=1), whole, **tol)
-    assert (cache.output_t is not None) == transposed
-    default = torch.backends.mkldnn.enabled
-    assert seen == [default, default] + [default if onednn is None else onednn] * 6  # whole, prompt, steps
-    assert torch.backends.mkldnn.enabled == default  # restored after every step
 
 
 def test_decoding_kernels_are_measured_once_per_dtype_shapes_and_rows(monkeypatch):

@@ -317,7 +317,7 @@ def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_reports(tmp_path, dat
     code, out, err = run_main(["--preset", "smoke", *data_flags, "--checkpoint", str(ckpt), "--output-dir",
                                str(tmp_path), "--max-steps", "50", "--eval-interval", "1"], capsys)
     assert code == 1
-    assert err.strip().splitlines()[-1].startswith("error: training diverged")
+    assert err.strip().splitlines()[-1].startswith("llama.py: error: training diverged")
     assert torch.load(ckpt, weights_only=True)["val_loss"] < math.inf  # the step-3 checkpoint survived
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "nan"
 

@@ -1,4 +1,4 @@
-"""`llama_generation.py --show-probs`: the distribution the table shows against Hugging Face's warpers
+"""`llama_generation.py --show-probs` (extras/show_probs.py): the distribution the table shows against Hugging Face's warpers
 (temperature, then top-k or top-p), the 'after' column zero exactly where the filter cut and renormalised
 elsewhere, the Sampler's draws against that distribution, and the command line."""
 
@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import llama_generation as gen
+from extras import show_probs
 from helpers import call_main
 from test_generation import DAY2, checkpoint, tiny_model  # noqa: F401  (checkpoint is a fixture)
 
@@ -26,13 +27,13 @@ def hf_distribution(logits, temperature, warper=None):
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 1.7])
 def test_sample_distribution_is_softmax_of_logits_over_temperature(temperature):
     logits = random_logits()
-    got = gen.sampling_distribution(logits, gen.Sampler("sample", temperature))
+    got = show_probs.sampling_distribution(logits, gen.Sampler("sample", temperature))
     torch.testing.assert_close(got, hf_distribution(logits, temperature), rtol=0, atol=1e-6)
 
 
 def test_greedy_distribution_puts_all_mass_on_the_argmax():
     logits = random_logits()
-    got = gen.sampling_distribution(logits, gen.Sampler("greedy"))
+    got = show_probs.sampling_distribution(logits, gen.Sampler("greedy"))
     assert torch.equal(got, F.one_hot(logits.argmax(-1), logits.shape[-1]).float())
 
 
@@ -40,7 +41,7 @@ def test_greedy_distribution_puts_all_mass_on_the_argmax():
 @pytest.mark.parametrize("k, temperature", [(1, 1.0), (5, 0.7), (17, 1.5), (60, 0.8), (100, 1.0)])
 def test_top_k_distribution_equals_hf_temperature_then_top_k(k, temperature):
     logits = random_logits(seed=k)
-    got = gen.sampling_distribution(logits, gen.Sampler("top_k", temperature, top_k=k))
+    got = show_probs.sampling_distribution(logits, gen.Sampler("top_k", temperature, top_k=k))
     expected = hf_distribution(logits, temperature, TopKLogitsWarper(top_k=k))
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
@@ -49,7 +50,7 @@ def test_top_k_distribution_equals_hf_temperature_then_top_k(k, temperature):
 @pytest.mark.parametrize("p, temperature", [(0.1, 1.0), (0.5, 0.7), (0.9, 1.5), (0.95, 0.8), (1.0, 1.0)])
 def test_top_p_distribution_equals_hf_temperature_then_top_p(p, temperature):
     logits = random_logits(seed=int(100 * p))
-    got = gen.sampling_distribution(logits, gen.Sampler("top_p", temperature, top_p=p))
+    got = show_probs.sampling_distribution(logits, gen.Sampler("top_p", temperature, top_p=p))
     expected = hf_distribution(logits, temperature, TopPLogitsWarper(top_p=p))
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
@@ -60,7 +61,7 @@ def test_top_p_distribution_equals_hf_temperature_then_top_p(p, temperature):
                          ids=["top_k", "top_p 0.6", "top_p 0.9", "sample"])
 def test_candidates_after_the_filter_are_zero_where_it_cut_and_renormalised_elsewhere(sampler):
     logits = random_logits(batch=1, vocab=40)[0]
-    rows = gen.top_candidates(logits, sampler, n=40)  # every token: the whole table
+    rows = show_probs.top_candidates(logits, sampler, n=40)  # every token: the whole table
     assert sorted(r.token for r in rows) == list(range(40))
     assert [r.p_model for r in rows] == sorted((r.p_model for r in rows), reverse=True)
     # the filter's own verdict, on the tempered logits as the Sampler applies it
@@ -88,10 +89,10 @@ def test_candidates_after_the_filter_are_zero_where_it_cut_and_renormalised_else
 
 def test_top_candidates_are_the_n_most_likely_and_add_the_chosen_token():
     logits = random_logits(batch=1)[0]
-    rows = gen.top_candidates(logits, gen.Sampler("sample", 1.0), n=5)
+    rows = show_probs.top_candidates(logits, gen.Sampler("sample", 1.0), n=5)
     assert [r.token for r in rows] == torch.topk(logits, 5).indices.tolist()
     least = int(logits.argmin())
-    rows = gen.top_candidates(logits, gen.Sampler("sample", 1.0), n=5, also=least)
+    rows = show_probs.top_candidates(logits, gen.Sampler("sample", 1.0), n=5, also=least)
     assert len(rows) == 6 and rows[-1].token == least
 
 
@@ -103,7 +104,7 @@ def test_the_samplers_draws_follow_the_distribution_the_table_shows(sampler):
     sampler.generator = torch.Generator().manual_seed(0)
     draws = sampler(logits.repeat(20000, 1)).flatten()
     freq = torch.bincount(draws, minlength=6).float() / 20000
-    shown = gen.sampling_distribution(logits, sampler)[0]
+    shown = show_probs.sampling_distribution(logits, sampler)[0]
     assert bool((freq[shown == 0] == 0).all())  # a token shown as cut is never drawn
     torch.testing.assert_close(freq, shown, rtol=0, atol=0.015)
 

@@ -19,6 +19,7 @@ if __name__ == "__main__":  # run as a script: the repository's llama.py (import
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import llama  # noqa: E402
+import trainkit  # noqa: E402
 
 
 @torch.no_grad()
@@ -40,14 +41,11 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", help="default: the checkpoint's")
     p.add_argument("--split", choices=["validation", "test"], default="validation")
     args = p.parse_args(argv)
-    try:
+    with trainkit.one_line_errors("perplexity_breakdown.py"):
         model, ckpt = llama.load_checkpoint(args.checkpoint)
-        tokenizer = llama.load_tokenizer(args.tokenizer or ckpt.get("tokenizer") or "gpt2")
+        tokenizer = llama.tokenizer_for(model, args.tokenizer or ckpt.get("tokenizer") or "gpt2")
         raw = llama.load_wikitext(args.data_dir, "Salesforce/wikitext", "wikitext-2-raw-v1")
         streams = llama.tokenize_splits(raw, tokenizer)
-    except llama.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
     seen = torch.zeros(model.params.vocab_size, dtype=torch.bool)
     seen[streams["train"].long()] = True

@@ -12,12 +12,13 @@
 The names a lesson calls are importable from the package itself: `trainkit.is_main()`, `trainkit.UserError`.
 """
 
-from trainkit.cli import UserError, fill_preset, one_line_errors, OneLineParser, pick_device, write_metrics  # noqa: F401
+from trainkit.cli import (UserError, fill_preset, one_line_errors, OneLineParser, pick_device, print_metrics,  # noqa: F401
+                          write_metrics)
 from trainkit.distributed import (EpochSampler, all_reduce, gather_rows, init_distributed, is_main,  # noqa: F401
                                   local_share, main_first, per_process_batch, quiet_unless_main, rank, same_on_all,
                                   shard_rows, sync_gradients, teardown_distributed, world_size, wrap_ddp)
 from trainkit.precision import PRECISIONS, Precision, choose_precision  # noqa: F401
 from trainkit.training import TrainStep  # noqa: F401
-from trainkit.runs import (StopRequest, atomic_save, exit_code, last_checkpoint_path, read_checkpoint,  # noqa: F401
-                           read_resume_state, rng_state, set_rng_state)
+from trainkit.runs import (Budget, StopRequest, atomic_save, exit_code, last_checkpoint_path, read_checkpoint,  # noqa: F401
+                           read_resume_state, rng_state, set_rng_state, stopped_note)
 from trainkit import kernels, losses, pictures  # noqa: F401,E402  (trainkit.pictures.smooth, ... after `import trainkit`)

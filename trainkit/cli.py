@@ -80,3 +80,14 @@ def write_metrics(metrics: dict, path: Path | str) -> Path:
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def print_metrics(metrics: dict, path: Path | str | None = None) -> None:
+    """A run's figures on stdout, one `name: value` line each (floats to 4 significant digits); lists and dicts
+    (curves, samples, histories) are left to the caller. `path`: where they were written."""
+    print("\n" + "-" * 60)
+    for key, value in metrics.items():
+        if not isinstance(value, (list, dict)):
+            print(f"{key:>22}: {value:.4g}" if isinstance(value, float) else f"{key:>22}: {value}")
+    if path is not None:
+        print(f"\nmetrics written to {path}")

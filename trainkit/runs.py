@@ -6,11 +6,12 @@ import os
 import random
 import signal
 import threading
+import time
 from pathlib import Path
 
 import torch
 
-from trainkit.distributed import launched_by_torchrun
+from trainkit.distributed import all_reduce, launched_by_torchrun
 
 # ----------------------------------------------------------------------------------------------------
 # Stopping cleanly and resuming
@@ -58,6 +59,50 @@ class StopRequest:
         # os.write, not print: a signal may arrive in the middle of another print to the same stream.
         os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step and saving the last "
                     f"checkpoint\n".encode())
+
+
+class Budget:
+    """When a training loop stops: after max_steps, after `minutes` of training, or on SIGINT or SIGTERM (a
+    StopRequest), agreed by all processes under torchrun.
+
+        with trainkit.Budget(max_steps, minutes, elapsed_s) as budget:
+            while not budget.done(step):
+                ... one step, with learning_rate(step, budget.progress(step)) ...
+                budget.agree()                # every process, once per step
+
+    elapsed_s: the training time a resumed run had already spent; the clock continues from it."""
+
+    def __init__(self, max_steps: int | None = None, minutes: float | None = None, elapsed_s: float = 0.0) -> None:
+        self.max_steps, self.minutes, self.elapsed_s, self.signum = max_steps, minutes, elapsed_s, 0
+        self._start = time.perf_counter() - elapsed_s
+        self._stop = StopRequest()
+
+    def __enter__(self) -> "Budget":
+        self._stop.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.remove()
+
+    def progress(self, step: int) -> float:
+        """How far along the run is, 0 to 1: the larger of the share of the steps and of the time."""
+        return max(step / self.max_steps if self.max_steps else 0.0,
+                   self.elapsed_s / (60 * self.minutes) if self.minutes else 0.0)
+
+    def done(self, step: int) -> bool:
+        return bool(self.signum) or self.progress(step) >= 1.0
+
+    def agree(self) -> None:
+        """The elapsed time is the longest any process has trained (the first to reach the budget stops all),
+        and a signal received by any process stops all."""
+        self.elapsed_s, signum = all_reduce([time.perf_counter() - self._start, self._stop.signum], op="max")
+        self.signum = int(signum)
+
+
+def stopped_note(signum: int, where: str, last_path: str | Path) -> str:
+    """The line a run stopped by a signal ends with: where it stopped, and how to continue it."""
+    return (f"stopped by {signal.Signals(signum).name} {where}; {last_path} holds the run: add --resume to the same "
+            "command to continue it")
 
 
 def exit_code(signum: int) -> int:
