@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
 
-from trainkit.distributed import launched_by_torchrun
+from trainkit.distributed import all_reduce, launched_by_torchrun
 
 # ----------------------------------------------------------------------------------------------------
 # Stopping cleanly and resuming
@@ -58,6 +60,39 @@ class StopRequest:
         # os.write, not print: a signal may arrive in the middle of another print to the same stream.
         os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step and saving the last "
                     f"checkpoint\n".encode())
+
+
+class RunClock:
+    """The clock a training run's time budget reads, and when the run stops, agreed by all processes: the first
+    to spend the budget, or a signal to any of them, stops them all after the same step. A resumed run's clock
+    starts where the stopped one ended (`elapsed`)."""
+
+    def __init__(self, budget_minutes: float | None, stop: StopRequest, elapsed: float = 0.0) -> None:
+        self.budget_s = budget_minutes * 60 if budget_minutes else None
+        self.stop, self.elapsed, self.signum = stop, elapsed, 0
+        self._start = time.perf_counter() - elapsed
+
+    def progress(self, done: float) -> float:
+        """max(done, elapsed / budget) capped at 1: the fraction of the run behind us, by steps or by time, so a
+        learning-rate schedule ends on time."""
+        return min(1.0, max(done, self.elapsed / self.budget_s if self.budget_s else 0.0))
+
+    def agree(self) -> bool:
+        """After a step, on every process: the longest elapsed time and any signal received; True if the run
+        stops now."""
+        elapsed, signum = all_reduce([time.perf_counter() - self._start, self.stop.signum], op="max")
+        self.elapsed, self.signum = elapsed, int(signum)
+        return bool(self.signum) or self.out_of_time
+
+    @property
+    def out_of_time(self) -> bool:
+        return self.budget_s is not None and self.elapsed >= self.budget_s
+
+
+def say_stopped(signum: int, where: str, last_path) -> None:
+    """The line a run stopped by a signal ends with (stderr): where it stopped, and how to go on."""
+    print(f"stopped by {signal.Signals(signum).name} {where}; {last_path} holds the run: add --resume to the same "
+          f"command to continue it", file=sys.stderr)
 
 
 def exit_code(signum: int) -> int:
