@@ -582,6 +582,14 @@ class Progress:
     history: list = field(default_factory=list)  # one dict per finished epoch
     best_acc: float = -1.0
 
+    def end_epoch(self, val_accuracy: float, lr: float) -> dict:
+        """Adds the epoch to the history and starts the next one (an epoch cut short by the time budget counts)."""
+        loss_sum, correct, count = self.sums
+        self.history.append({"epoch": self.epoch, "train_loss": loss_sum / max(1, count),
+                             "train_accuracy": correct / max(1, count), "val_accuracy": val_accuracy, "lr": lr})
+        self.epoch, self.batch, self.sums, self.images_seen = self.epoch + 1, 0, (0.0, 0, 0), self.images_seen + count
+        return self.history[-1]
+
 
 def train_epoch(step: trainkit.TrainStep, forward, loader, mix: Mixing, run: Progress, s: TrainConfig,
                 steps_total: int, clock: trainkit.runs.RunClock, device: torch.device) -> None:
@@ -616,8 +624,9 @@ def train(config: ViTConfig, s: TrainConfig, pretrained: VisionTransformer | Non
     model (--pretrained, extras/vit_pretrained.py) with a new head for the data's classes."""
     seed_everything(s.seed)
     t_start = time.perf_counter()
-    try:
-        device = trainkit.init_distributed(trainkit.pick_device(s.device))  # under torchrun: join the others
+    try:  # under torchrun: join the other processes; each takes its share of every batch
+        device = trainkit.init_distributed(trainkit.pick_device(s.device))
+        local_batch = trainkit.per_process_batch(s.batch_size)
     except ValueError as e:
         raise UserError(str(e)) from None
     data = load_data(s, (pretrained.config if pretrained else config).image_size)
@@ -628,10 +637,6 @@ def train(config: ViTConfig, s: TrainConfig, pretrained: VisionTransformer | Non
     else:
         model = VisionTransformer(replace(config, num_classes=len(data.class_names)))
     config = model.config
-    try:
-        local_batch = trainkit.per_process_batch(s.batch_size)
-    except ValueError as e:
-        raise UserError(str(e)) from None
     # Measured on rank 0 and used by all: every process must compute in the same precision.
     precision = trainkit.same_on_all(pick_precision(s.precision, device, config, local_batch))
     print(f"{precision.describe()}\nbatch: {s.batch_size} images per step, {trainkit.world_size()} process(es) x "
@@ -646,24 +651,11 @@ def train(config: ViTConfig, s: TrainConfig, pretrained: VisionTransformer | Non
         AugmentedImages(data.train, train_transform(config.image_size, s.augment), s.seed),
         batch_size=local_batch, sampler=sampler, drop_last=len(data.train) > s.batch_size,
         generator=torch.Generator().manual_seed(s.seed), num_workers=s.workers, persistent_workers=s.workers > 0)
-    mix = Mixing(s, config.num_classes)
+    mix, steps_total = Mixing(s, config.num_classes), s.epochs * len(loader)
     ckpt_path = checkpoint_path(s.output_dir, s.checkpoint)
-    last_path, flags = trainkit.last_checkpoint_path(ckpt_path), {k: getattr(s, k) for k in RESUME_FLAGS}
-    run = Progress()
-    if s.resume:  # go on where the stopped run stopped: weights, optimizer, counters, clock, random generators
-        state = trainkit.read_resume_state(last_path, "transformer.py", asdict(config), flags, ("epochs", "time_budget"))
-        step.load_state_dict(state)
-        run = Progress(**{f.name: state[f.name] for f in fields(Progress)})
-        trainkit.set_rng_state(state["rng"])
-        mix.generator.set_state(state["mix_rng"])
-        print(f"resuming from {last_path} at epoch {run.epoch}, step {run.step} ({run.elapsed:.0f}s trained so far)")
-
-    def save_last() -> None:
-        trainkit.atomic_save({**step.state_dict(), **asdict(run), "config": asdict(config), "flags": flags,
-                              "class_names": data.class_names, "rng": trainkit.rng_state(),
-                              "mix_rng": mix.generator.get_state()}, last_path)
-
-    steps_total, interrupted, curves_drawn = s.epochs * len(loader), False, -math.inf
+    last = Last(trainkit.last_checkpoint_path(ckpt_path), step, mix, config, s, data.class_names)
+    run = last.resume() if s.resume else Progress()
+    interrupted, curves_drawn = False, -math.inf
     with trainkit.StopRequest() as stop:  # SIGINT and SIGTERM only set stop.signum: the step ends, then we save
         clock = trainkit.runs.RunClock(s.time_budget, stop, run.elapsed)
         try:
@@ -674,25 +666,18 @@ def train(config: ViTConfig, s: TrainConfig, pretrained: VisionTransformer | Non
                 train_epoch(step, forward, loader, mix, run, s, steps_total, clock, device)
                 run.elapsed = clock.elapsed
                 if clock.signum:  # keep the run where it stopped; evaluation waits for the resumed run
-                    if trainkit.is_main():
-                        save_last()
-                        trainkit.runs.say_stopped(clock.signum, f"in epoch {run.epoch}", last_path)
-                    return {"signal": clock.signum} if trainkit.is_main() else {}  # rank 0 reports the stop
+                    return last.save_stopped(run, clock.signum)
                 val = evaluate(model, data.val, data.class_names, device, precision, tta=s.tta)
-                loss_sum, correct, count = run.sums
-                run.history.append({"epoch": run.epoch, "train_loss": loss_sum / max(1, count), "train_accuracy":
-                                    correct / max(1, count), "val_accuracy": val["accuracy"],
-                                    "lr": step.optimizer.param_groups[0]["lr"]})
-                print(f"epoch {run.epoch:3d}  train loss {loss_sum / max(1, count):.3f} acc "
-                      f"{correct / max(1, count):.3f}  val acc {val['accuracy']:.3f}  {clock.elapsed:.0f}s", flush=True)
+                done = run.end_epoch(val["accuracy"], step.optimizer.param_groups[0]["lr"])
+                print(f"epoch {done['epoch']:3d}  train loss {done['train_loss']:.3f} acc {done['train_accuracy']:.3f}"
+                      f"  val acc {val['accuracy']:.3f}  {clock.elapsed:.0f}s", flush=True)
                 if val["accuracy"] > run.best_acc:
                     run.best_acc = val["accuracy"]
                     if trainkit.is_main():
-                        save_checkpoint(ckpt_path, model, data.class_names, {"epoch": run.epoch,
+                        save_checkpoint(ckpt_path, model, data.class_names, {"epoch": done["epoch"],
                                                                              "val_accuracy": run.best_acc})
-                run.epoch, run.batch, run.images_seen, run.sums = run.epoch + 1, 0, run.images_seen + count, (0.0, 0, 0)
-                if trainkit.is_main():  # an epoch ended on the time budget counts as done: --resume starts the next
-                    save_last()
+                if trainkit.is_main():
+                    last.save(run)
                     if time.perf_counter() - curves_drawn >= CURVES_EVERY_S:
                         draw_curves(s, model, device, precision, run.history)
                         curves_drawn = time.perf_counter()
@@ -710,6 +695,39 @@ def train(config: ViTConfig, s: TrainConfig, pretrained: VisionTransformer | Non
 
     return vit_commands.report_training(model, data, run, final, s, device, precision, interrupted,
                                         wall_seconds=time.perf_counter() - t_start)
+
+
+class Last:
+    """The `last` checkpoint beside the best one (NAME.last.pth): everything a stopped run needs to go on."""
+
+    def __init__(self, path: Path, step: trainkit.TrainStep, mix: Mixing, config: ViTConfig, s: TrainConfig,
+                 class_names: list[str]) -> None:
+        self.path, self.step, self.mix, self.config, self.class_names = path, step, mix, config, class_names
+        self.flags = {k: getattr(s, k) for k in RESUME_FLAGS}
+
+    def save(self, run: Progress) -> None:
+        trainkit.atomic_save({**self.step.state_dict(), **asdict(run), "config": asdict(self.config),
+                              "flags": self.flags, "class_names": self.class_names, "rng": trainkit.rng_state(),
+                              "mix_rng": self.mix.generator.get_state()}, self.path)
+
+    def save_stopped(self, run: Progress, signum: int) -> dict:
+        """Rank 0 saves and reports the stop; another rank exiting non-zero would make torchrun kill it mid-save."""
+        if not trainkit.is_main():
+            return {}
+        self.save(run)
+        trainkit.runs.say_stopped(signum, f"in epoch {run.epoch}", self.path)
+        return {"signal": signum}
+
+    def resume(self) -> Progress:
+        """Weights, optimizer, counters, clock and random generators as the stopped run left them."""
+        state = trainkit.read_resume_state(self.path, "transformer.py", asdict(self.config), self.flags,
+                                           may_change=("epochs", "time_budget"))
+        self.step.load_state_dict(state)
+        trainkit.set_rng_state(state["rng"])
+        self.mix.generator.set_state(state["mix_rng"])
+        run = Progress(**{f.name: state[f.name] for f in fields(Progress)})
+        print(f"resuming from {self.path} at epoch {run.epoch}, step {run.step} ({run.elapsed:.0f}s trained so far)")
+        return run
 
 
 CURVES_EVERY_S = 10.0  # redraw vit_curves.png after an epoch when this many seconds have passed since the last
