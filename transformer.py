@@ -11,8 +11,9 @@ The file reads top to bottom: config, components (patch embedding, attention, ML
 data (decoded once into an in-memory uint8 cache, augmented on tensors), training and evaluation, the command
 line. The architecture is the one of "An Image is Worth 16x16 Words" (Dosovitskiy et al., 2020) and of
 torchvision's `VisionTransformer`, whose weights map onto ours one tensor to one tensor
-(`from_torchvision_state_dict`). The plumbing no lesson teaches (precision, torchrun, stopping and resuming,
-pictures) is in trainkit/; --predict, --eval-only, --pretrained and the attention maps are in extras/.
+(extras/vit_pretrained.py: `from_torchvision_state_dict`). The plumbing no lesson teaches (precision, torchrun,
+stopping and resuming, pictures) is in trainkit/; the flags' parser, --predict, --eval-only, --pretrained and the
+attention maps are in extras/.
 """
 
 from __future__ import annotations
@@ -550,6 +551,15 @@ def load_data(s: TrainConfig, image_size: int) -> Data:
     return data
 
 
+def train_loader(cache: ImageCache, image_size: int, s: TrainConfig, local_batch: int):
+    """Batches of augmented training images; trainkit.EpochSampler shuffles by seed and epoch, and under
+    torchrun gives each process its share of every batch."""
+    return torch.utils.data.DataLoader(
+        AugmentedImages(cache, train_transform(image_size, s.augment), s.seed), batch_size=local_batch,
+        sampler=trainkit.EpochSampler(len(cache), s.seed), drop_last=len(cache) > s.batch_size,
+        generator=torch.Generator().manual_seed(s.seed), num_workers=s.workers, persistent_workers=s.workers > 0)
+
+
 class Mixing:
     """MixUp or CutMix (a blend of two images and of their labels: soft targets) on a share of the batches. Its
     own seeded generator picks the batches, so a resumed run mixes the ones the stopped run would have."""
@@ -630,7 +640,7 @@ def train(config: ViTConfig, s: TrainConfig, pretrained: VisionTransformer | Non
     except ValueError as e:
         raise UserError(str(e)) from None
     data = load_data(s, (pretrained.config if pretrained else config).image_size)
-    if pretrained is not None:
+    if pretrained is not None:  # the pretrained encoder, a new head for our classes
         from extras import vit_pretrained
 
         model = vit_pretrained.with_new_head(pretrained, len(data.class_names))
@@ -646,27 +656,35 @@ def train(config: ViTConfig, s: TrainConfig, pretrained: VisionTransformer | Non
     step = trainkit.TrainStep(model.to(device), model.configure_optimizer(s.lr, s.weight_decay), precision, device,
                               s.grad_clip)
     forward = torch.compile(step.model) if s.compile else step.model  # fuses LayerNorm, GELU, softmax...
-    sampler = trainkit.EpochSampler(len(data.train), s.seed)  # each process draws its share of every batch
-    loader = torch.utils.data.DataLoader(
-        AugmentedImages(data.train, train_transform(config.image_size, s.augment), s.seed),
-        batch_size=local_batch, sampler=sampler, drop_last=len(data.train) > s.batch_size,
-        generator=torch.Generator().manual_seed(s.seed), num_workers=s.workers, persistent_workers=s.workers > 0)
+    loader = train_loader(data.train, config.image_size, s, local_batch)
     mix, steps_total = Mixing(s, config.num_classes), s.epochs * len(loader)
     ckpt_path = checkpoint_path(s.output_dir, s.checkpoint)
-    last = Last(trainkit.last_checkpoint_path(ckpt_path), step, mix, config, s, data.class_names)
-    run = last.resume() if s.resume else Progress()
+    last = trainkit.runs.LastCheckpoint(ckpt_path, "transformer.py", step, asdict(config),
+                                        {k: getattr(s, k) for k in RESUME_FLAGS}, ("epochs", "time_budget"))
+    run = Progress()
+    if s.resume:  # weights, optimizer, random generators and counters as the stopped run left them
+        state = last.resume()
+        run = Progress(**{f.name: state[f.name] for f in fields(Progress)})
+        mix.generator.set_state(state["mix_rng"])
+
+    def save_last() -> None:
+        last.save(**asdict(run), class_names=data.class_names, mix_rng=mix.generator.get_state())
+
     interrupted, curves_drawn = False, -math.inf
     with trainkit.StopRequest() as stop:  # SIGINT and SIGTERM only set stop.signum: the step ends, then we save
         clock = trainkit.runs.RunClock(s.time_budget, stop, run.elapsed)
         try:
             while run.epoch <= s.epochs and not clock.out_of_time:
                 model.train()
-                sampler.set_epoch(run.epoch)
-                sampler.start = run.batch * local_batch
+                loader.sampler.set_epoch(run.epoch)
+                loader.sampler.start = run.batch * local_batch  # a resumed epoch goes on from its next batch
                 train_epoch(step, forward, loader, mix, run, s, steps_total, clock, device)
                 run.elapsed = clock.elapsed
                 if clock.signum:  # keep the run where it stopped; evaluation waits for the resumed run
-                    return last.save_stopped(run, clock.signum)
+                    if trainkit.is_main():  # another rank exiting non-zero would make torchrun kill rank 0 mid-save
+                        save_last()
+                        trainkit.runs.say_stopped(clock.signum, f"in epoch {run.epoch}", last.path)
+                    return {"signal": clock.signum} if trainkit.is_main() else {}
                 val = evaluate(model, data.val, data.class_names, device, precision, tta=s.tta)
                 done = run.end_epoch(val["accuracy"], step.optimizer.param_groups[0]["lr"])
                 print(f"epoch {done['epoch']:3d}  train loss {done['train_loss']:.3f} acc {done['train_accuracy']:.3f}"
@@ -677,7 +695,7 @@ def train(config: ViTConfig, s: TrainConfig, pretrained: VisionTransformer | Non
                         save_checkpoint(ckpt_path, model, data.class_names, {"epoch": done["epoch"],
                                                                              "val_accuracy": run.best_acc})
                 if trainkit.is_main():
-                    last.save(run)
+                    save_last()
                     if time.perf_counter() - curves_drawn >= CURVES_EVERY_S:
                         draw_curves(s, model, device, precision, run.history)
                         curves_drawn = time.perf_counter()
@@ -695,39 +713,6 @@ def train(config: ViTConfig, s: TrainConfig, pretrained: VisionTransformer | Non
 
     return vit_commands.report_training(model, data, run, final, s, device, precision, interrupted,
                                         wall_seconds=time.perf_counter() - t_start)
-
-
-class Last:
-    """The `last` checkpoint beside the best one (NAME.last.pth): everything a stopped run needs to go on."""
-
-    def __init__(self, path: Path, step: trainkit.TrainStep, mix: Mixing, config: ViTConfig, s: TrainConfig,
-                 class_names: list[str]) -> None:
-        self.path, self.step, self.mix, self.config, self.class_names = path, step, mix, config, class_names
-        self.flags = {k: getattr(s, k) for k in RESUME_FLAGS}
-
-    def save(self, run: Progress) -> None:
-        trainkit.atomic_save({**self.step.state_dict(), **asdict(run), "config": asdict(self.config),
-                              "flags": self.flags, "class_names": self.class_names, "rng": trainkit.rng_state(),
-                              "mix_rng": self.mix.generator.get_state()}, self.path)
-
-    def save_stopped(self, run: Progress, signum: int) -> dict:
-        """Rank 0 saves and reports the stop; another rank exiting non-zero would make torchrun kill it mid-save."""
-        if not trainkit.is_main():
-            return {}
-        self.save(run)
-        trainkit.runs.say_stopped(signum, f"in epoch {run.epoch}", self.path)
-        return {"signal": signum}
-
-    def resume(self) -> Progress:
-        """Weights, optimizer, counters, clock and random generators as the stopped run left them."""
-        state = trainkit.read_resume_state(self.path, "transformer.py", asdict(self.config), self.flags,
-                                           may_change=("epochs", "time_budget"))
-        self.step.load_state_dict(state)
-        trainkit.set_rng_state(state["rng"])
-        self.mix.generator.set_state(state["mix_rng"])
-        run = Progress(**{f.name: state[f.name] for f in fields(Progress)})
-        print(f"resuming from {self.path} at epoch {run.epoch}, step {run.step} ({run.elapsed:.0f}s trained so far)")
-        return run
 
 
 CURVES_EVERY_S = 10.0  # redraw vit_curves.png after an epoch when this many seconds have passed since the last
