@@ -242,7 +242,6 @@ class VisionTransformer(nn.Module):
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics; any fixed per-channel scaling works for training from scratch
 STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 @dataclass
@@ -296,26 +295,6 @@ def cache_split(ds, image_col: str, label_col: str, size: int, desc: str) -> Ima
     return ImageCache(torch.stack(images), torch.tensor(labels, dtype=torch.long), skipped)
 
 
-def check_image_folder(data_dir: Path) -> None:
-    """Clear errors for the usual mistakes before `datasets` sees the folder."""
-    if not data_dir.exists():
-        raise UserError(f"--data-dir {data_dir}: no such folder")
-    if not data_dir.is_dir():
-        raise UserError(f"--data-dir {data_dir}: not a folder")
-    train = data_dir / "train"
-    if not train.is_dir():
-        raise UserError(f"--data-dir {data_dir}: expected a train/ folder with one subfolder per class "
-                        f"(train/cats/*.jpg, train/dogs/*.jpg, ...)")
-    classes = [d.name for d in sorted(train.iterdir())
-               if d.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in d.iterdir())]
-    if not classes:
-        raise UserError(f"--data-dir {data_dir}: train/ has no class subfolders with images "
-                        f"(expected train/<class name>/<image files>)")
-    if len(classes) < 2:
-        raise UserError(f"--data-dir {data_dir}: train/ has only one class ({classes[0]}); "
-                        f"a classifier needs at least two")
-
-
 def find_columns(features) -> tuple[str, str]:
     """The image column (an Image feature) and the label column (a ClassLabel) of a Hugging Face dataset."""
     from datasets import ClassLabel, Image as ImageFeature
@@ -339,8 +318,10 @@ def load_splits(data_dir: str | None, dataset: str, val_fraction: float = 0.1, s
         raise UserError(f"the `datasets` package is needed ({e}); pip install datasets") from None
 
     if data_dir:
+        from extras import vit_commands
+
         data_dir = Path(data_dir)
-        check_image_folder(data_dir)
+        vit_commands.check_image_folder(data_dir)  # one clear line for the usual mistakes
         source = f"--data-dir {data_dir}"
         try:
             splits = load_dataset("imagefolder", data_dir=str(data_dir))
@@ -778,22 +759,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         trainkit.fill_preset(args, vit_pretrained.FINETUNE_DEFAULTS[args.finetune])
     args.preset = args.preset or ("finetune" if args.pretrained else "default")
     trainkit.fill_preset(args, PRESETS[args.preset])
-    checks = [(args.epochs >= 1, "--epochs must be at least 1"),
-              (args.batch_size >= 1, "--batch-size must be at least 1"),
-              (args.time_budget is None or args.time_budget > 0, "--time-budget must be positive (minutes)"),
-              (args.lr > 0, "--lr must be positive"),
-              (0 <= args.warmup < 1, "--warmup must be in [0, 1)"),
-              (0 <= args.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
-              (0 < args.val_fraction < 1, "--val-fraction must be in (0, 1)"),
-              (args.workers >= 0, "--workers must be >= 0"),
-              (args.cache_scale >= 1, "--cache-scale must be >= 1")]
-    for ok, message in checks:
-        if not ok:
-            parser.error(message)
-    try:
-        model_config(args)
-    except ValueError as e:
-        parser.error(f"invalid model config: {e}")
+    vit_commands.check_flags(parser, args, model_config)
     return args
 
 

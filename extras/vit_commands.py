@@ -1,5 +1,6 @@
 """transformer.py's command line and the commands beside training: --predict, --eval-only, the report a run
-ends with (metrics.json, the printed summary and confusion matrix, the pictures of predictions and attention).
+ends with (metrics.json, the printed summary and confusion matrix, the pictures of predictions and attention),
+and the checks of a --data-dir folder.
 
     python transformer.py --predict cat.jpg dog.jpg
     python transformer.py --eval-only --checkpoint runs/vit/vit_cats_vs_dogs.pth --data-dir DIR
@@ -85,6 +86,50 @@ def build_parser() -> argparse.ArgumentParser:
                    "every image once with the frozen encoder and train only the new head (minutes on a CPU); "
                    "all: train everything (for a GPU)")
     return p
+
+
+def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, model_config) -> None:
+    """Values no run can use end in one line (argparse's error, exit status 2) before anything is loaded."""
+    checks = [(args.epochs >= 1, "--epochs must be at least 1"),
+              (args.batch_size >= 1, "--batch-size must be at least 1"),
+              (args.time_budget is None or args.time_budget > 0, "--time-budget must be positive (minutes)"),
+              (args.lr > 0, "--lr must be positive"),
+              (0 <= args.warmup < 1, "--warmup must be in [0, 1)"),
+              (0 <= args.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+              (0 < args.val_fraction < 1, "--val-fraction must be in (0, 1)"),
+              (args.workers >= 0, "--workers must be >= 0"),
+              (args.cache_scale >= 1, "--cache-scale must be >= 1")]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+    try:
+        model_config(args)  # ViTConfig checks the model's shape
+    except ValueError as e:
+        parser.error(f"invalid model config: {e}")
+
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def check_image_folder(data_dir: Path) -> None:
+    """--data-dir: clear errors for the usual mistakes before `datasets` sees the folder."""
+    if not data_dir.exists():
+        raise UserError(f"--data-dir {data_dir}: no such folder")
+    if not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir}: not a folder")
+    train = data_dir / "train"
+    if not train.is_dir():
+        raise UserError(f"--data-dir {data_dir}: expected a train/ folder with one subfolder per class "
+                        f"(train/cats/*.jpg, train/dogs/*.jpg, ...)")
+    classes = [d.name for d in sorted(train.iterdir())
+               if d.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in d.iterdir())]
+    if not classes:
+        raise UserError(f"--data-dir {data_dir}: train/ has no class subfolders with images "
+                        f"(expected train/<class name>/<image files>)")
+    if len(classes) < 2:
+        raise UserError(f"--data-dir {data_dir}: train/ has only one class ({classes[0]}); "
+                        f"a classifier needs at least two")
+
 
 
 def load_checkpoint(path: Path, device: torch.device) -> tuple[transformer.VisionTransformer, list[str]]:
