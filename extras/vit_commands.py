@@ -218,7 +218,8 @@ def report_training(model: transformer.VisionTransformer, data: transformer.Data
                                                   final["predictions"], data.class_names, seed=s.seed)
     print(f"saved {transformer.checkpoint_path(s.output_dir, s.checkpoint)}, {metrics_path}, {grid}")
     curves = transformer.draw_curves(s, model, device, precision, run.history) if run.history else None
-    idx = torch.randperm(len(data.val), generator=torch.Generator().manual_seed(s.seed))[:vit_attention.ATTENTION_IMAGES]
+    idx = torch.randperm(len(data.val), generator=torch.Generator().manual_seed(s.seed))
+    idx = idx[:vit_attention.ATTENTION_IMAGES]
     titles = [f"{data.class_names[int(final['predictions'][i])]} ({data.class_names[int(data.val.labels[i])]})"
               for i in idx]
     attention = vit_attention.save_attention_picture(out_dir / "vit_attention.png", model, data.val.images[idx],

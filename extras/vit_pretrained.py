@@ -112,7 +112,8 @@ def pretrained_vit(name: str, weights_path: str | None = None) -> VisionTransfor
     mean, std = weights_normalization(name)
     if not (torch.allclose(torch.tensor(mean), torch.tensor(transformer.MEAN))
             and torch.allclose(torch.tensor(std), torch.tensor(transformer.STD))):
-        raise UserError(f"{name}'s weights expect mean {mean} and std {std}; normalize() uses {transformer.MEAN}, {transformer.STD}")
+        raise UserError(f"{name}'s weights expect mean {mean} and std {std}; normalize() uses "
+                        f"{transformer.MEAN}, {transformer.STD}")
     tv_state = load_torchvision_weights(name, weights_path)
     model = VisionTransformer(vit_config_from_torchvision_state_dict(tv_state, PRETRAINED_HEADS[name]))
     try:
