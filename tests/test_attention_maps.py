@@ -1,7 +1,7 @@
-"""Attention maps of transformer.py: the probabilities recomputed from a block's own weights against the
-weights nn.MultiheadAttention returns, attention rollout on cases worked out by hand, the whole model's maps
-against torchvision's VisionTransformer with the same weights, and independence from how the student wrote
-MultiHeadSelfAttention.forward."""
+"""Attention maps of transformer.py's ViT (extras/vit_attention.py): the probabilities recomputed from a block's
+own weights against the weights nn.MultiheadAttention returns, attention rollout on cases worked out by hand,
+the whole model's maps against torchvision's VisionTransformer with the same weights, and independence from how
+the student wrote MultiHeadSelfAttention.forward."""
 
 import pytest
 import torch
@@ -9,6 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import transformer as T
+from extras import vit_attention as A
+from extras.vit_pretrained import from_torchvision_state_dict
 from test_transformer import randomize_, small_config, torchvision_vit
 
 
@@ -24,23 +26,23 @@ def test_attention_probabilities_equal_nn_multiheadattention_weights(batch, seq,
         mha.in_proj_bias.normal_(0, 0.5)
     x = torch.randn(batch, seq, dim)
     _, expected = mha(x, x, x, need_weights=True, average_attn_weights=False)  # (B, heads, N, N)
-    got = T.attention_probabilities(x, mha.in_proj_weight, mha.in_proj_bias, heads)
+    got = A.attention_probabilities(x, mha.in_proj_weight, mha.in_proj_bias, heads)
     assert got.shape == (batch, heads, seq, seq)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
 def test_rollout_of_identity_attention_is_the_identity():
     eye = torch.eye(5).expand(2, 3, 5, 5)  # 2 images, 3 heads
-    torch.testing.assert_close(T.attention_rollout([eye] * 4), torch.eye(5).expand(2, 5, 5))
+    torch.testing.assert_close(A.attention_rollout([eye] * 4), torch.eye(5).expand(2, 5, 5))
 
 
 def test_rollout_rows_sum_to_one_and_one_block_is_half_attention_half_residual():
     g = torch.Generator().manual_seed(0)
     attentions = [torch.randn(2, 4, 6, 6, generator=g).softmax(-1) for _ in range(3)]
-    rolled = T.attention_rollout(attentions)
+    rolled = A.attention_rollout(attentions)
     assert rolled.shape == (2, 6, 6) and bool((rolled >= 0).all())
     torch.testing.assert_close(rolled.sum(-1), torch.ones(2, 6))
-    one = T.attention_rollout(attentions[:1])
+    one = A.attention_rollout(attentions[:1])
     torch.testing.assert_close(one, 0.5 * attentions[0].mean(1) + 0.5 * torch.eye(6))
 
 
@@ -51,9 +53,9 @@ def test_rollout_on_a_two_token_case_worked_by_hand():
     # rollout A2 A1 = [[.5*.75 + .5*.25, .5*.25 + .5*.75], [.25, .75]] = [[.5,.5],[.25,.75]]
     block1 = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]]])[None]
     block2 = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]] * 2)[None]
-    torch.testing.assert_close(T.attention_rollout([block1, block2]), torch.tensor([[[0.5, 0.5], [0.25, 0.75]]]))
+    torch.testing.assert_close(A.attention_rollout([block1, block2]), torch.tensor([[[0.5, 0.5], [0.25, 0.75]]]))
     # the order matters: A1 A2 = [[.75*.5, .75*.5 + .25], [.25*.5, .25*.5 + .75]]
-    torch.testing.assert_close(T.attention_rollout([block2, block1]),
+    torch.testing.assert_close(A.attention_rollout([block2, block1]),
                                torch.tensor([[[0.375, 0.625], [0.125, 0.875]]]))
 
 
@@ -82,21 +84,21 @@ def test_model_attention_maps_equal_torchvision_vits_with_the_same_weights():
     c = small_config()
     ref = randomize_(torchvision_vit(c), std=0.1).eval()
     ours = T.VisionTransformer(c).eval()
-    ours.load_state_dict(T.from_torchvision_state_dict(ref.state_dict()))
+    ours.load_state_dict(from_torchvision_state_dict(ref.state_dict()))
     images = torch.randn(3, 3, c.image_size, c.image_size)
     expected = tv_attention_weights(ref, images)
-    got = T.attention_weights(ours, images)
+    got = A.attention_weights(ours, images)
     assert len(got) == c.depth
     for g, e in zip(got, expected):
         assert g.shape == (3, c.n_heads, c.n_patches + 1, c.n_patches + 1)
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
-    maps = T.class_token_maps(ours, images)
+    maps = A.class_token_maps(ours, images)
     grid = c.image_size // c.patch_size
     for name, m in maps.items():
         assert m.shape == (3, grid, grid), name
     torch.testing.assert_close(maps["class token, last block"].flatten(1), expected[-1].mean(1)[:, 0, 1:])
     torch.testing.assert_close(maps["attention rollout, all blocks"].flatten(1),
-                               T.attention_rollout(expected)[:, 0, 1:])
+                               A.attention_rollout(expected)[:, 0, 1:])
 
 
 def sdpa_forward(self, x):
@@ -114,10 +116,10 @@ def test_attention_maps_do_not_depend_on_how_attention_forward_is_written(monkey
     images = torch.randn(2, 3, 32, 32)
     monkeypatch.setattr(T.MultiHeadSelfAttention, "forward", T.MultiHeadSelfAttention.forward)
     try:
-        reference = T.attention_weights(model, images)
+        reference = A.attention_weights(model, images)
     except NotImplementedError:  # a student copy without the attention exercise: use the SDPA one as truth
         monkeypatch.setattr(T.MultiHeadSelfAttention, "forward", sdpa_forward)
-        reference = T.attention_weights(model, images)
+        reference = A.attention_weights(model, images)
     monkeypatch.setattr(T.MultiHeadSelfAttention, "forward", sdpa_forward)
-    for got, ref in zip(T.attention_weights(model, images), reference):
+    for got, ref in zip(A.attention_weights(model, images), reference):
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)

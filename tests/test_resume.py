@@ -215,7 +215,7 @@ def test_vit_stopped_mid_epoch_and_resumed_ends_as_a_run_never_stopped(noise_ima
                                                                        monkeypatch):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert T.main(vit_flags(noise_images, whole)) == 0
-    calls = sigterm_on_call(monkeypatch, T, "lr_at", 5)  # step 5 of 9: the middle of epoch 2
+    calls = sigterm_on_call(monkeypatch, T, "learning_rate", 5)  # step 5 of 9: the middle of epoch 2
     assert T.main(vit_flags(noise_images, parts)) == 143 and len(calls) == 5
     err = capsys.readouterr().err
     assert "SIGTERM" in err and "--resume" in err and "Traceback" not in err
@@ -238,6 +238,6 @@ def test_vit_resume_refuses_another_model_shape(noise_images, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         T.main([*flags, "--resume", "--dim", "64", "--heads", "2"])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 1 and len(err.strip().splitlines()) == 1 and "dim was 32" in err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "dim was 32" in err
     assert T.main([*flags, "--resume", "--epochs", "2"]) == 0
     assert "epochs: 1 -> 2" in capsys.readouterr().out

@@ -15,6 +15,7 @@ from PIL import Image
 import grading
 from grading import randomize_  # torchvision zero-initialises its head and some biases
 import transformer as T
+from extras.vit_pretrained import from_torchvision_state_dict
 
 # whole-model tests: green once all three Day 1 exercises are
 needs_all = pytest.mark.needs("patch_embedding", "attention", "encoder_block")
@@ -74,7 +75,7 @@ def test_model_matches_torchvision_visiontransformer(batch):
     c = small_config()
     ref = randomize_(torchvision_vit(c)).eval()
     ours = T.VisionTransformer(c).eval()
-    ours.load_state_dict(T.from_torchvision_state_dict(ref.state_dict()))  # strict: every tensor maps, none left
+    ours.load_state_dict(from_torchvision_state_dict(ref.state_dict()))  # strict: every tensor maps, none left
     images = torch.randn(batch, 3, c.image_size, c.image_size)
     with torch.no_grad():
         expected, got = ref(images), ours(images)
@@ -85,7 +86,7 @@ def test_model_matches_torchvision_visiontransformer(batch):
 def test_parameter_names_and_shapes_match_torchvision_one_to_one():
     c = small_config()
     ours = {k: v.shape for k, v in T.VisionTransformer(c).state_dict().items()}
-    theirs = {k: v.shape for k, v in T.from_torchvision_state_dict(torchvision_vit(c).state_dict()).items()}
+    theirs = {k: v.shape for k, v in from_torchvision_state_dict(torchvision_vit(c).state_dict()).items()}
     assert ours == theirs
 
 
@@ -152,7 +153,11 @@ def image_folder(tmp_path_factory):
 
 
 def data_args(data_dir, **kw):
-    return T.parse_args(["--data-dir", str(data_dir), "--preset", "smoke", *kw.get("extra", [])])[0]
+    return T.parse_args(["--data-dir", str(data_dir), "--preset", "smoke", *kw.get("extra", [])])
+
+
+def split_flags(args):
+    return {k: getattr(args, k) for k in ("data_dir", "dataset", "val_fraction", "seed", "max_train_samples")}
 
 
 def test_decode_image_matches_pil_rgb_for_gray_rgba_cmyk(tmp_path):
@@ -166,7 +171,7 @@ def test_decode_image_matches_pil_rgb_for_gray_rgba_cmyk(tmp_path):
 
 
 def test_image_folder_loads_via_datasets_and_skips_the_corrupt_file(image_folder):
-    train, val, image_col, label_col, classes = T.load_splits(data_args(image_folder))
+    train, val, image_col, label_col, classes = T.load_splits(**split_flags(data_args(image_folder)))
     assert classes == ["cats", "dogs"]
     cache = T.cache_split(train, image_col, label_col, 16, "train")
     assert cache.skipped == 1  # the truncated JPEG, counted and skipped
@@ -260,7 +265,7 @@ def test_ctrl_c_during_training_still_saves_checkpoint_and_report(image_folder, 
             raise KeyboardInterrupt
         return 1e-3
 
-    monkeypatch.setattr(T, "lr_at", interrupt_on_third_step)
+    monkeypatch.setattr(T, "learning_rate", interrupt_on_third_step)
     assert T.main(["--data-dir", str(image_folder), "--preset", "smoke", "--epochs", "5", "--output-dir",
                    str(tmp_path), "--quiet"]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -282,8 +287,8 @@ def bad_folders(root):
     (["--data-dir", "{root}/empty"], "expected a train/ folder"),
     (["--data-dir", "{root}/flat"], "no class subfolders"),
     (["--data-dir", "{root}/one"], "only one class"),
-    (["--predict", "x.jpg", "--checkpoint", "{root}/nothing.pth"], "not found"),
-    (["--eval-only", "--checkpoint", "{root}/nothing.pth", "--data-dir", "{root}/one"], "not found"),
+    (["--predict", "x.jpg", "--checkpoint", "{root}/nothing.pth"], "no checkpoint at"),
+    (["--eval-only", "--checkpoint", "{root}/nothing.pth", "--data-dir", "{root}/one"], "no checkpoint at"),
     (["--image-size", "30", "--patch-size", "8"], "not divisible by patch_size"),
     (["--dim", "50", "--heads", "4"], "not divisible by n_heads"),
     (["--epochs", "0"], "--epochs must be at least 1"),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import transformer as T
+from extras import vit_pretrained as P
 from helpers import call_main
 from test_transformer import randomize_, write_image_folder
 
@@ -45,7 +46,7 @@ def finetune(weights_path, image_folder, out, *flags) -> int:
 
 def test_config_is_read_off_the_weights_shapes(weights):
     path, tv = weights
-    config = T.vit_config_from_torchvision_state_dict(tv.state_dict(), n_heads=12)
+    config = P.vit_config_from_torchvision_state_dict(tv.state_dict(), n_heads=12)
     assert (config.image_size, config.patch_size, config.dim, config.depth, config.mlp_dim, config.num_classes) \
         == (32, 8, 48, 2, 96, 10)
 
@@ -53,14 +54,14 @@ def test_config_is_read_off_the_weights_shapes(weights):
 @needs_all
 def test_pretrained_model_logits_equal_torchvisions(weights):
     path, tv = weights
-    ours = T.pretrained_vit("vit_b_16", path).eval()
+    ours = P.pretrained_vit("vit_b_16", path).eval()
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert (ours(images) - tv(images)).abs().max().item() < 1e-5
 
 
 def test_weights_normalization_is_what_normalize_uses():
-    mean, std = T.weights_normalization("vit_b_16")
+    mean, std = P.weights_normalization("vit_b_16")
     torch.testing.assert_close(torch.tensor(mean), torch.tensor(T.MEAN))
     torch.testing.assert_close(torch.tensor(std), torch.tensor(T.STD))
 
@@ -68,9 +69,9 @@ def test_weights_normalization_is_what_normalize_uses():
 @needs_all
 def test_class_token_features_are_what_the_head_reads(weights):
     path, tv = weights
-    model = T.pretrained_vit("vit_b_16", path)
+    model = P.pretrained_vit("vit_b_16", path)
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    features = T.class_token_features(model, images, torch.device("cpu"), None)
+    features = P.class_token_features(model, images, torch.device("cpu"), None)
     assert features.shape == (4, 48)
     expected = T.predict_logits(model, images, torch.device("cpu"), None)
     torch.testing.assert_close(model.head(features), expected, atol=1e-5, rtol=1e-5)
@@ -83,7 +84,7 @@ def test_finetune_head_changes_only_the_head_and_learns_the_folder(weights, imag
     out = tmp_path / "run"
     assert finetune(path, image_folder, out, "--finetune", "head", "--epochs", "100", "--lr", "1e-2") == 0
     ckpt = torch.load(out / "vit_cats_vs_dogs.pth", weights_only=True)
-    original = T.from_torchvision_state_dict(tv.state_dict())
+    original = P.from_torchvision_state_dict(tv.state_dict())
     for name, tensor in ckpt["model"].items():
         if name.startswith("head."):
             continue
@@ -115,7 +116,7 @@ def test_finetune_all_trains_the_encoder_too(weights, image_folder, tmp_path):
     assert finetune(path, image_folder, out, "--finetune", "all", "--epochs", "1", "--lr", "1e-3",
                     "--batch-size", "4") == 0
     ckpt = torch.load(out / "vit_cats_vs_dogs.pth", weights_only=True)
-    original = T.from_torchvision_state_dict(tv.state_dict())
+    original = P.from_torchvision_state_dict(tv.state_dict())
     assert not torch.equal(ckpt["model"]["layers.0.mlp.fc1.weight"], original["layers.0.mlp.fc1.weight"])
     assert ckpt["config"]["image_size"] == 32 and ckpt["config"]["dim"] == 48
 
@@ -132,7 +133,7 @@ def test_bad_weights_end_with_one_line(argv, message, image_folder, tmp_path, ca
     argv = [a.format(bad=tmp_path / "bad.pth", other=tmp_path / "other.pth") for a in argv]
     code, out, err = call_main(T.main, argv + ["--data-dir", str(image_folder), "--output-dir", str(tmp_path)],
                                capsys)
-    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_offline_without_weights_says_to_pass_a_file(monkeypatch, image_folder, tmp_path, capsys):
@@ -144,4 +145,4 @@ def test_offline_without_weights_says_to_pass_a_file(monkeypatch, image_folder, 
     monkeypatch.setattr(ViT_B_16_Weights, "get_state_dict", offline)
     code, out, err = call_main(T.main, ["--pretrained", "vit_b_16", "--data-dir", str(image_folder),
                                         "--output-dir", str(tmp_path)], capsys)
-    assert code == 1 and "--weights PATH" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "--weights PATH" in err and len(err.strip().splitlines()) == 1

@@ -1,4 +1,4 @@
-"""Pictures: loss and accuracy curves, attention maps over images, as PNGs written atomically."""
+"""Pictures: loss and accuracy curves, attention maps and predictions over images, as PNGs written atomically."""
 
 from __future__ import annotations
 
@@ -163,3 +163,24 @@ def plot_attention_maps(path: Path | str, images, maps: dict, titles: Sequence[s
     if title:
         fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
+
+
+def plot_prediction_grid(path: Path | str, images, labels, preds, class_names: Sequence[str], n: int = 16,
+                         seed: int = 0) -> Path:
+    """A grid of n images drawn at random (seeded), 4 a row, each titled 'predicted (true)', green when right
+    and red when wrong. images: uint8 (N, 3, H, W); labels, preds: (N,) class indices."""
+    import torch
+
+    idx = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    cols = 4
+    rows = max(1, math.ceil(len(idx) / cols))
+    fig = new_figure(2.2 * cols, 2.4 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, idx):
+        p, t = int(preds[i]), int(labels[i])
+        ax.imshow(images[i].permute(1, 2, 0).cpu().numpy())
+        ax.set_title(f"{class_names[p]} ({class_names[t]})", color="green" if p == t else "red", fontsize=9)
+    fig.suptitle("predicted (true)", fontsize=10)
+    return save_figure(fig, path, dpi=100)

@@ -204,3 +204,27 @@ def read_resume_state(path: str | Path, script: str, config: dict, flags: dict, 
     for change in changes:
         print(f"resume: {change}")
     return state
+
+
+class LastCheckpoint:
+    """The `last` checkpoint of a run, beside the best one (NAME.last.pth): all a stopped run needs to go on. It
+    holds the TrainStep's state (model, optimizer, fp16 scaler), the random generators, the model config and the
+    training flags, and whatever the lesson adds (its counters). --resume checks that the run goes on with the
+    same config and flags, except those in `may_change`."""
+
+    def __init__(self, best: str | Path, script: str, step, config: dict, flags: dict,
+                 may_change: tuple[str, ...] = ()) -> None:
+        self.path, self.script, self.step = last_checkpoint_path(best), script, step
+        self.config, self.flags, self.may_change = config, flags, may_change
+
+    def save(self, **extra) -> None:
+        atomic_save({**self.step.state_dict(), **extra, "config": self.config, "flags": self.flags,
+                     "rng": rng_state()}, self.path)
+
+    def resume(self) -> dict:
+        """The saved state, after the TrainStep and the random generators were set back to it."""
+        state = read_resume_state(self.path, self.script, self.config, self.flags, self.may_change)
+        self.step.load_state_dict(state)
+        set_rng_state(state["rng"])
+        print(f"resuming from {self.path}")
+        return state
