@@ -354,48 +354,75 @@ def load_splits(data_dir: str | None, dataset: str, val_fraction: float = 0.1, s
     return train, val, image_col, label_col, class_names
 
 
+AUGMENTATIONS = ("none", "light", "strong")
+N_RANDOM = 9  # uniform numbers each image's augmentation draws (see augment_images)
+
+
+def augment_images(images: torch.Tensor, u: torch.Tensor, size: int, augment: str = "light") -> torch.Tensor:
+    """A batch of uint8 images (B, 3, S, S) -> augmented images (B, 3, size, size), float in [0, 255], in a few
+    tensor ops for the whole batch.
+
+    Each image's random choices come from its row of u (B, N_RANDOM), uniform numbers in [0, 1):
+    'light' is a random resized crop (a share 0.35..1 of the area, aspect ratio 3/4..4/3, anywhere in the
+    image) and a horizontal flip; 'strong' also rotates by up to 20 degrees and jitters brightness, contrast and
+    saturation by up to 40%; 'none' only resizes. The crop, flip and rotation are one affine map per image
+    (output coordinates in [-1, 1] -> where to read the input), sampled bilinearly with F.grid_sample.
+    """
+    if augment == "none":
+        return F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True).clamp_(0, 255)
+    area, log_ratio = 0.35 + 0.65 * u[:, 0], (2 * u[:, 1] - 1) * math.log(4 / 3)
+    w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # the crop's width and height, as shares of the image
+    h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    cx, cy = (2 * u[:, 2] - 1) * (1 - w), (2 * u[:, 3] - 1) * (1 - h)  # its centre, kept inside the image
+    flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
+    angle = (2 * u[:, 5] - 1) * math.radians(20) if augment == "strong" else torch.zeros_like(w)
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack([torch.stack([w * flip * cos, -h * sin, cx], 1),
+                         torch.stack([w * flip * sin, h * cos, cy], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, [len(images), 3, size, size], align_corners=False)
+    x = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if augment == "strong":  # brightness b, contrast c and saturation s around the luma g and its mean m:
+        b, c, s = (0.6 + 0.8 * u[:, k, None, None, None] for k in (6, 7, 8))  # b((x - g) s c + (g - m) c + m)
+        g = (x * torch.tensor([0.2989, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)  # luma (ITU-R 601)
+        m = g.mean(dim=(2, 3), keepdim=True)
+        x = torch.addcmul(((g - m) * c + m) * b, x - g, s * c * b)
+    return x.clamp_(0, 255)
+
+
 class AugmentedImages(torch.utils.data.Dataset):
-    """Training images from the uint8 cache, each augmented on its own (random crop, flip, colour).
+    """Training images from the uint8 cache, augmented a batch at a time (augment_images).
 
-    Items are asked for as (epoch, index) (trainkit.EpochSampler) and each augmentation is seeded by the seed, the
-    epoch and the index: an image gets the same crop whichever process or DataLoader worker draws it, so N
-    processes train on exactly the images one would, and a resumed run on those the stopped run would have."""
+    Items are asked for as (epoch, index) (trainkit.EpochSampler). Each image draws its random numbers from a
+    generator seeded by the seed, the epoch and its index: an image gets the same crop whichever process or
+    DataLoader worker draws it, so N processes train on exactly the images one would, and a resumed run on
+    those the stopped run would have."""
 
-    def __init__(self, cache: ImageCache, transform, seed: int = 0) -> None:
-        self.cache, self.transform, self.seed = cache, transform, seed
+    def __init__(self, cache: ImageCache, size: int, augment: str = "light", seed: int = 0) -> None:
+        self.cache, self.size, self.augment, self.seed = cache, size, augment, seed
 
     def __len__(self) -> int:
         return len(self.cache)
 
-    def __getitem__(self, key):
-        epoch, i = key if isinstance(key, tuple) else (0, key)
-        # torchvision's transforms draw from the global CPU generator: seed it for this image, then put its
-        # state back. Only the CPU generator: torch.manual_seed and fork_rng also visit every GPU generator,
-        # a cost paid once per image.
-        generator = torch.random.default_generator
-        state = generator.get_state()
-        generator.manual_seed((self.seed * 1_000_003 + epoch) * len(self) + i)
-        try:
-            return self.transform(self.cache.images[i]), self.cache.labels[i]
-        finally:
-            generator.set_state(state)
+    def __getitems__(self, keys: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """The DataLoader asks for a whole batch at once: (augmented images, labels)."""
+        keys = [key if isinstance(key, tuple) else (0, key) for key in keys]
+        u = torch.stack([torch.rand(N_RANDOM, generator=torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + epoch) * len(self) + i)) for epoch, i in keys])
+        index = torch.tensor([i for _, i in keys])
+        return augment_images(self.cache.images[index], u, self.size, self.augment), self.cache.labels[index]
+
+    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self.__getitems__([key])
+        return images[0], labels[0]
 
 
-def train_transform(image_size: int, augment: str):
-    """torchvision.transforms.v2 on uint8 tensors. 'light': random resized crop + flip; 'strong' adds
-    TrivialAugment (one random photometric/geometric op per image, Mueller & Hutter 2021)."""
-    from torchvision.transforms import v2
-
-    if augment == "none":
-        return v2.Resize((image_size, image_size), antialias=True)
-    ops = [v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), antialias=True), v2.RandomHorizontalFlip()]
-    if augment == "strong":
-        ops.append(v2.TrivialAugmentWide())
-    return v2.Compose(ops)
+def whole_batch(batch):
+    """The DataLoader's collate_fn: AugmentedImages.__getitems__ returns the batch ready."""
+    return batch
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float, per-channel standardised."""
+    """Pixel values (B, 3, H, W) in [0, 255], uint8 or float -> float, per-channel standardised."""
     mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
     return (images.float() / 255.0 - mean) / std
@@ -429,6 +456,7 @@ class TrainConfig:
     mix_prob: float = 0.5  # the share of batches that get MixUp or CutMix
     cache_scale: float = 1.25  # training images are cached larger, so random crops have pixels to choose from
     tta: bool = False  # evaluate on each image and its mirror image
+    eval_every: int = 1  # validate after every this many epochs (and after the last)
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # auto, fp32, bf16 or fp16 (trainkit.choose_precision)
@@ -534,7 +562,7 @@ def train_loader(cache: ImageCache, image_size: int, s: TrainConfig, local_batch
     """Batches of augmented training images; trainkit.EpochSampler shuffles by seed and epoch, and under
     torchrun gives each process its share of every batch."""
     return torch.utils.data.DataLoader(
-        AugmentedImages(cache, train_transform(image_size, s.augment), s.seed), batch_size=local_batch,
+        AugmentedImages(cache, image_size, s.augment, s.seed), batch_size=local_batch, collate_fn=whole_batch,
         sampler=trainkit.EpochSampler(len(cache), s.seed), drop_last=len(cache) > s.batch_size,
         generator=torch.Generator().manual_seed(s.seed), num_workers=s.workers, persistent_workers=s.workers > 0)
 
@@ -571,7 +599,7 @@ class Progress:
     history: list = field(default_factory=list)  # one dict per finished epoch
     best_acc: float = -1.0
 
-    def end_epoch(self, val_accuracy: float, lr: float) -> dict:
+    def end_epoch(self, val_accuracy: float | None, lr: float) -> dict:
         """Adds the epoch to the history and starts the next one (an epoch cut short by the time budget counts)."""
         loss_sum, correct, count = self.sums
         self.history.append({"epoch": self.epoch, "train_loss": loss_sum / max(1, count),
@@ -665,11 +693,14 @@ def train(config: ViTConfig, s: TrainConfig, pretrained: VisionTransformer | Non
                         save_last()
                         print(trainkit.stopped_note(budget.signum, f"in epoch {run.epoch}", last.path), file=sys.stderr)
                     return {"signal": budget.signum} if trainkit.is_main() else {}
-                val = evaluate(model, data.val, data.class_names, device, precision, tta=s.tta)
-                done = run.end_epoch(val["accuracy"], step.optimizer.param_groups[0]["lr"])
+                last_epoch = run.epoch >= s.epochs or budget.done(run.step)
+                val = None  # validation takes time from training: every eval_every epochs and after the last
+                if run.epoch % s.eval_every == 0 or last_epoch:
+                    val = evaluate(model, data.val, data.class_names, device, precision, tta=s.tta)
+                done = run.end_epoch(val and val["accuracy"], step.optimizer.param_groups[0]["lr"])
                 print(f"epoch {done['epoch']:3d}  train loss {done['train_loss']:.3f} acc {done['train_accuracy']:.3f}"
-                      f"  val acc {val['accuracy']:.3f}  {budget.elapsed_s:.0f}s", flush=True)
-                if val["accuracy"] > run.best_acc:
+                      + (f"  val acc {val['accuracy']:.3f}" if val else "") + f"  {budget.elapsed_s:.0f}s", flush=True)
+                if val and val["accuracy"] > run.best_acc:
                     run.best_acc = val["accuracy"]
                     if trainkit.is_main():
                         save_checkpoint(ckpt_path, model, data.class_names, {"epoch": done["epoch"],
@@ -730,17 +761,17 @@ PRESETS: dict[str, dict] = {
     "default": dict(image_size=64, patch_size=8, dim=96, depth=4, n_heads=3, mlp_dim=192, dropout=0.0,
                     attention_dropout=0.0, epochs=1000, time_budget=14.0, batch_size=64, lr=5e-4,
                     weight_decay=0.05, warmup=0.05, label_smoothing=0.1, augment="strong", mixup=0.8,
-                    cutmix=1.0, mix_prob=0.5, cache_scale=1.25, tta=False),
+                    cutmix=1.0, mix_prob=0.5, cache_scale=1.25, tta=False, eval_every=4),
     "smoke": dict(image_size=32, patch_size=8, dim=32, depth=1, n_heads=2, mlp_dim=64, dropout=0.0,
                   attention_dropout=0.0, epochs=1, time_budget=None, batch_size=8, lr=1e-3, weight_decay=0.05,
                   warmup=0.1, label_smoothing=0.1, augment="light", mixup=0.0, cutmix=0.0, mix_prob=0.5,
-                  cache_scale=1.25, tta=False),
+                  cache_scale=1.25, tta=False, eval_every=1),
     # --pretrained: the model's sizes come from the weights; epochs and lr from --finetune
     # (extras/vit_pretrained.py). A starting point, not tuned.
     "finetune": dict(image_size=64, patch_size=8, dim=96, depth=4, n_heads=3, mlp_dim=192, dropout=0.0,
                      attention_dropout=0.0, time_budget=None, batch_size=32, weight_decay=0.05, warmup=0.1,
                      label_smoothing=0.1, augment="light", mixup=0.0, cutmix=0.0, mix_prob=0.5,
-                     cache_scale=1.15, tta=False),
+                     cache_scale=1.15, tta=False, eval_every=1),
 }
 
 

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mix-prob", type=float, help="share of batches that get MixUp/CutMix")
     t.add_argument("--cache-scale", type=float, help="training images are cached at image_size * this, "
                    "so random crops have pixels to choose from")
+    t.add_argument("--eval-every", type=int, metavar="EPOCHS", help="validate after every this many epochs "
+                   "(and after the last); validating takes time from training")
     t.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="evaluate on each image and its mirror image, averaging the logits")
     t.add_argument("--precision", choices=trainkit.PRECISIONS, default="auto",
@@ -92,6 +94,7 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, model
     """Values no run can use end in one line (argparse's error, exit status 2) before anything is loaded."""
     checks = [(args.epochs >= 1, "--epochs must be at least 1"),
               (args.batch_size >= 1, "--batch-size must be at least 1"),
+              (args.eval_every >= 1, "--eval-every must be at least 1"),
               (args.time_budget is None or args.time_budget > 0, "--time-budget must be positive (minutes)"),
               (args.lr > 0, "--lr must be positive"),
               (0 <= args.warmup < 1, "--warmup must be in [0, 1)"),

@@ -99,12 +99,14 @@ def plot_classifier_curves(path: Path | str, history: Sequence[dict], title: str
                      label="training loss" + note, **marker)
         ax_acc.plot(epochs, [100 * h["train_accuracy"] for h in history], color="tab:blue", linewidth=1.2,
                     label="training accuracy" + note, **marker)
-        val = [100 * h["val_accuracy"] for h in history]
-        if few:
-            ax_acc.plot(epochs, val, color="tab:orange", linewidth=1.2, label="validation accuracy", **marker)
+        validated = [h for h in history if h["val_accuracy"] is not None]  # not every epoch is validated
+        val_epochs, val = [h["epoch"] for h in validated], [100 * h["val_accuracy"] for h in validated]
+        if len(validated) <= 30:
+            ax_acc.plot(val_epochs, val, color="tab:orange", linewidth=1.2, label="validation accuracy",
+                        marker="o", markersize=3)
         else:
-            ax_acc.plot(epochs, val, color="tab:orange", linewidth=0.8, alpha=0.35, label="validation accuracy")
-            ax_acc.plot(epochs, smooth(val), color="tab:orange", linewidth=1.8,
+            ax_acc.plot(val_epochs, val, color="tab:orange", linewidth=0.8, alpha=0.35, label="validation accuracy")
+            ax_acc.plot(val_epochs, smooth(val), color="tab:orange", linewidth=1.8,
                         label="validation accuracy, smoothed")
     ax_loss.set_ylabel("cross-entropy")
     ax_loss.set_title("training loss")
