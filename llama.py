@@ -14,7 +14,8 @@ Run it:
     python llama.py --eval-only --hf-model HuggingFaceTB/SmolLM2-135M      # a real Llama checkpoint's perplexity
     python llama.py --export-hf llama_hf                                     # ours for from_pretrained / pipeline
 
-The last three are sub-commands of the tool around the lesson (extras/llama_commands.py, extras/llama_hf.py).
+The last three are sub-commands of the tool around the lesson (extras/llama_commands.py, extras/llama_hf.py),
+which also writes a training run's checkpoints, loss curves and metrics.json.
 """
 
 from __future__ import annotations
