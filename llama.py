@@ -14,7 +14,8 @@ Run it:
     python llama.py --eval-only --hf-model HuggingFaceTB/SmolLM2-135M      # a real Llama checkpoint's perplexity
     python llama.py --export-hf llama_hf                                     # ours for from_pretrained / pipeline
 
-The last three are sub-commands of the tool around the lesson (extras/llama_commands.py, extras/llama_hf.py).
+The last three are sub-commands of the tool around the lesson (extras/llama_commands.py, extras/llama_hf.py),
+which also writes a training run's checkpoints, loss curves and metrics.json.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import contextlib
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -33,9 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import trainkit
-from trainkit import PRECISIONS, Precision, UserError, choose_precision
+from trainkit import PRECISIONS, Precision, UserError
 from trainkit.losses import ChunkedCrossEntropy
-from trainkit.pictures import plot_lm_curves
 
 CHECKPOINT = "llama_wikitext_trained.pth"
 TRAIN_FIRST = "train one first with `python llama.py` (offline: add --data-dir DIR --tokenizer DIR)"
@@ -521,12 +521,6 @@ def evaluate(model: Transformer, tokens: torch.Tensor, device: torch.device,
     return total / count
 
 
-def save_checkpoint(path: str, model: Transformer, tokenizer_name: str, **extra) -> None:
-    """state_dict + ModelArgs + tokenizer, written to a temporary file and renamed: never half a file."""
-    ckpt = {"model": model.state_dict(), "model_args": asdict(model.params), "tokenizer": tokenizer_name, **extra}
-    trainkit.atomic_save(ckpt, path)
-
-
 def build_model(model_args: dict, state_dict: dict, source: str = "the checkpoint") -> Transformer:
     """A Transformer of the given ModelArgs holding the given weights."""
     known = {f.name for f in fields(ModelArgs)}
@@ -536,14 +530,6 @@ def build_model(model_args: dict, state_dict: dict, source: str = "the checkpoin
     except RuntimeError as e:
         raise UserError(f"{source}: the weights do not fit the model's arguments ({str(e).splitlines()[1].strip()[:160]})") from None
     return model
-
-
-def load_checkpoint(path: str, device="cpu") -> tuple[Transformer, dict]:
-    """Rebuild the model from the ModelArgs stored beside its weights."""
-    ckpt = trainkit.read_checkpoint(path, TRAIN_FIRST)
-    if "model" not in ckpt or "model_args" not in ckpt:
-        raise UserError(f"{path} holds no 'model' and 'model_args'; was it saved by llama.py?")
-    return build_model(ckpt["model_args"], ckpt["model"], path).to(device), ckpt
 
 
 def train_step(trainer: trainkit.TrainStep, batches, cfg: TrainConfig, lr: float, device) -> tuple[float, int]:
@@ -564,6 +550,23 @@ def train_step(trainer: trainkit.TrainStep, batches, cfg: TrainConfig, lr: float
     return loss_sum, tokens
 
 
+def log_step(log: dict, loss: float, tokens: int, seconds: float, budget: trainkit.Budget) -> None:
+    """Add one optimizer step to the log: its loss, the tokens all processes trained on, the time it took."""
+    log["train_time_s"] += seconds
+    log["elapsed_s"], log["signal"] = budget.elapsed_s, budget.signum
+    log["tokens_seen"] += tokens * trainkit.world_size()
+    log["recent_losses"] = (log["recent_losses"] + [loss])[-50:]  # the report's final training loss
+    log["train_curve"].append((log["tokens_seen"], loss))
+
+
+def progress_bar():
+    """Rank 0's progress bar, in percent of the run: of max_steps or of the time budget, whichever ends it first."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=100, unit="%", disable=not trainkit.is_main(),
+                bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+
+
 def train(model: Transformer, streams: dict, cfg: TrainConfig, device: torch.device, precision: Precision,
           on_best=None, on_last=None, resume: Optional[dict] = None, on_validate=None) -> dict:
     """Train until max_steps or the time budget, validating every eval_interval steps.
@@ -573,8 +576,6 @@ def train(model: Transformer, streams: dict, cfg: TrainConfig, device: torch.dev
     is such a state. Under torchrun every process runs this on its share of each batch and all agree on when
     to stop. Returns the log: status ("completed", "interrupted" or "nan"), losses, counts, times and curves.
     """
-    from tqdm.auto import tqdm
-
     generator = torch.Generator().manual_seed(cfg.seed)
     batches = train_batches(streams["train"], model.params.max_seq_len, cfg.batch_size, generator,
                             skip=resume["batches_drawn"] if resume else 0)
@@ -589,12 +590,13 @@ def train(model: Transformer, streams: dict, cfg: TrainConfig, device: torch.dev
         log.update(resume["log"], status="completed", signal=0)
         trainkit.set_rng_state(resume["rng"])
     model.train()
+    start, bar = time.perf_counter(), progress_bar()
 
     def validate():
         val = evaluate(model, streams["validation"], device, precision)  # the same figure on every process
         log["val_history"].append((step, val))
         log["val_curve"].append((log["tokens_seen"], val))
-        tqdm.write(f"step {step}: validation loss {val:.3f}, perplexity {math.exp(val):.1f}")
+        bar.write(f"step {step}: validation loss {val:.3f}, perplexity {math.exp(val):.1f}")
         if val < log["best_val_loss"]:
             log["best_val_loss"], log["best_step"] = val, step
             if on_best is not None:
@@ -607,8 +609,6 @@ def train(model: Transformer, streams: dict, cfg: TrainConfig, device: torch.dev
         return {**trainer.state_dict(), "step": step, "batches_drawn": step * cfg.grad_accum, "log": dict(log),
                 "rng": trainkit.rng_state()}
 
-    start, bar = time.perf_counter(), tqdm(total=100, unit="%", disable=not trainkit.is_main(),
-                                           bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
     # max_steps, the time budget and SIGINT/SIGTERM (which only raise a flag inside), agreed by all processes
     budget = trainkit.Budget(cfg.max_steps, cfg.time_budget, log["elapsed_s"])
     try:
@@ -620,14 +620,10 @@ def train(model: Transformer, streams: dict, cfg: TrainConfig, device: torch.dev
                 budget.agree()
                 if not math.isfinite(loss):
                     log["status"] = "nan"
-                    tqdm.write(f"step {step}: the loss is {loss}; stopping (the last good checkpoint is kept)")
+                    bar.write(f"step {step}: the loss is {loss}; stopping (the last good checkpoint is kept)")
                     break
                 step += 1
-                log["train_time_s"] += time.perf_counter() - t0
-                log["elapsed_s"], log["signal"] = budget.elapsed_s, budget.signum
-                log["tokens_seen"] += tokens * trainkit.world_size()
-                log["recent_losses"] = (log["recent_losses"] + [loss])[-50:]
-                log["train_curve"].append((log["tokens_seen"], loss))
+                log_step(log, loss, tokens, time.perf_counter() - t0, budget)
                 bar.n = round(100 * budget.progress(step), 1)
                 bar.set_postfix_str(f"step {step} loss {loss:.3f} lr {lr:.2e} "
                                     f"{log['tokens_seen'] / log['train_time_s']:.0f} tok/s")
@@ -637,7 +633,7 @@ def train(model: Transformer, streams: dict, cfg: TrainConfig, device: torch.dev
                         on_last(snapshot())
     except KeyboardInterrupt:  # a second Ctrl-C, in the middle of a step: no resumable state
         log["status"] = "interrupted"
-        tqdm.write("interrupted: evaluating and saving what was trained so far")
+        bar.write("interrupted: evaluating and saving what was trained so far")
     finally:
         bar.close()
     log["steps"] = step
@@ -670,20 +666,10 @@ PRESETS = {
 }
 
 
-def pick_precision(flag: str, device: torch.device, params: ModelArgs, batch_size: int) -> Precision:
-    """--precision on this device, printed; auto times a matmul shaped like the model's (a batch of tokens
-    through the feed-forward's first layer), see trainkit.choose_precision."""
-    precision = choose_precision(flag, device, (min(batch_size * params.max_seq_len, 2048), params.dim,
-                                                params.hidden_dim))
-    print(precision.describe())
-    return precision
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = trainkit.OneLineParser(description="Train a small LLaMA on WikiText-2 and report its perplexity.",
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=PRESETS, default="default",
-                   help="model and training sizes; any flag below overrides its value")
+    p.add_argument("--preset", choices=PRESETS, default="default", help="sizes; any flag below overrides its value")
     d = p.add_argument_group("data")
     d.add_argument("--data-dir", help="local folder with wiki.{train,valid,test}.raw instead of the Hub")
     d.add_argument("--dataset", default="Salesforce/wikitext", help="Hub dataset (used without --data-dir)")
@@ -693,14 +679,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("--dim", "--n-layers", "--n-heads"):
         m.add_argument(flag, type=int)
     m.add_argument("--n-kv-heads", type=int, help="fewer than --n-heads for grouped-query attention")
-    m.add_argument("--max-seq-len", type=int, help="context length trained on (with --hf-model: the evaluation "
-                   "window, default the model's max_position_embeddings up to 1024)")
+    m.add_argument("--max-seq-len", type=int, help="context length (--hf-model: the evaluation window, up to 1024)")
     m.add_argument("--dropout", type=float)
     t = p.add_argument_group("training (default: the preset's)")
-    t.add_argument("--batch-size", type=int, help="windows per micro-batch, over all processes: under torchrun "
-                   "each of N processes takes batch-size/N of them")
-    t.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step; a step sees batch-size x "
-                   "grad-accum windows however many processes share them")
+    t.add_argument("--batch-size", type=int, help="windows per micro-batch, shared by torchrun's processes")
+    t.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     t.add_argument("--lr", type=float, help="peak learning rate")
     t.add_argument("--warmup-steps", type=int)
     t.add_argument("--weight-decay", type=float, help="AdamW's decoupled weight decay on the matrices")
@@ -711,27 +694,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--seed", type=int, default=1337)
     t.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     t.add_argument("--precision", "--dtype", choices=PRECISIONS, default="auto",
-                   help="autocast precision. auto: on CUDA bf16 from compute capability 8.0, fp16 with loss "
-                        "scaling on 7.x; on a CPU whichever of fp32 and bf16 measures faster; fp32 on MPS")
+                   help="autocast precision; auto: by the GPU's compute capability, on a CPU the faster measured")
     o = p.add_argument_group("output")
     o.add_argument("--checkpoint", default=CHECKPOINT, help="where the trained model is saved (or read)")
     o.add_argument("--output-dir", default="runs/llama", help="where metrics.json and loss_curves.png are written")
     o.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on --split, no training")
-    o.add_argument("--resume", action="store_true",
-                   help="continue the run saved in the last checkpoint beside --checkpoint (NAME.last.pth), with "
-                        "the same model and training flags; --max-steps, --time-budget, --eval-interval may change")
+    o.add_argument("--resume", action="store_true", help="continue the run saved beside --checkpoint "
+                   "(NAME.last.pth); only --max-steps, --time-budget, --eval-interval may change")
     o.add_argument("--split", choices=list(WIKITEXT_FILES), default="test", help="split for --eval-only")
     r = p.add_argument_group("real weights (Hugging Face Llama checkpoints)")
-    r.add_argument("--hf-model", metavar="NAME_OR_DIR", help="with --eval-only: evaluate any LlamaForCausalLM "
-                   "checkpoint (Hub name or local folder) in our Transformer, with its own tokenizer")
-    r.add_argument("--export-hf", metavar="DIR", help="write --checkpoint as a Hugging Face Llama (config.json, "
-                   "model.safetensors, the tokenizer) to DIR, for from_pretrained and pipeline")
+    r.add_argument("--hf-model", metavar="NAME_OR_DIR", help="with --eval-only: a LlamaForCausalLM's perplexity")
+    r.add_argument("--export-hf", metavar="DIR", help="write --checkpoint as a Hugging Face Llama to DIR")
     args = p.parse_args(argv)
     args.hf_max_seq_len = args.max_seq_len  # before the preset fills it: --hf-model's window only if given
     return trainkit.fill_preset(args, PRESETS[args.preset])
 
 
 def run_training(args, device) -> int:
+    """The tokenizer, the data, the model and its precision from the flags; train; report."""
     tokenizer_name = args.tokenizer or "gpt2"
     if Path(tokenizer_name).is_dir():  # recorded in the checkpoint: make it work from any folder
         tokenizer_name = str(Path(tokenizer_name).resolve())
@@ -752,48 +732,20 @@ def run_training(args, device) -> int:
         local_batch = trainkit.per_process_batch(cfg.batch_size)
     except ValueError as e:  # a batch the processes cannot share evenly
         raise UserError(str(e)) from None
-    # Measured on rank 0 and used by all: every process must compute in the same precision.
-    precision = trainkit.same_on_all(pick_precision(args.precision, device, params, local_batch))
+    # auto times a batch of tokens through the feed-forward's first layer. Measured on rank 0 and used by all:
+    # every process must compute in the same precision.
+    tokens = min(local_batch * params.max_seq_len, 2048)
+    precision = trainkit.same_on_all(trainkit.precision.for_model(args.precision, device, tokens, params.dim,
+                                                                  params.hidden_dim))
     print(f"device {device}, {precision.name}; {model.num_params() / 1e6:.1f}M parameters; "
           f"tokens: " + ", ".join(f"{k} {len(v)}" for k, v in streams.items()) + f" (loaded in {data_time:.1f}s)")
     print(f"batch: {cfg.batch_size * cfg.grad_accum} windows per step (batch {cfg.batch_size} x grad-accum "
           f"{cfg.grad_accum}), {trainkit.world_size()} process(es) x {local_batch} windows per micro-batch")
-    last_path = trainkit.last_checkpoint_path(args.checkpoint)
-    state = None
-    if args.resume:
-        state = trainkit.read_resume_state(last_path, "llama.py", asdict(params), asdict(cfg),
-                                           may_change=("max_steps", "time_budget", "eval_interval"))
-        print(f"resuming from {last_path} at step {state['step']} ({state['log']['elapsed_s']:.0f}s trained so far)")
-    curves_path = Path(args.output_dir) / "loss_curves.png"
-    train_label = "training loss" + (f" (label smoothing {cfg.label_smoothing:g})" if cfg.label_smoothing else "")
-    title = f"llama.py: {model.num_params() / 1e6:.1f}M parameters, {device.type}, {precision.name}"
+    from extras import llama_commands  # --resume, the checkpoints, the loss curves and the report
 
-    def on_best(m, val_loss):
-        save_checkpoint(args.checkpoint, m, tokenizer_name, val_loss=val_loss)
-
-    def on_last(snapshot):  # what --resume needs, with the config and flags it must find again
-        trainkit.atomic_save({**snapshot, "config": asdict(params), "flags": asdict(cfg), "tokenizer": tokenizer_name},
-                             last_path)
-
-    def on_validate(log):
-        plot_lm_curves(curves_path, log["train_curve"], log["val_curve"], train_label=train_label, title=title)
-
-    writes = trainkit.is_main()  # rank 0 alone writes files
-    callbacks = dict(on_best=on_best, on_last=on_last, on_validate=on_validate) if writes else {}
-    log = train(model, streams, cfg, device, precision, resume=state, **callbacks)
-    trainkit.teardown_distributed()  # what follows (the test split, samples, the report) is rank 0's alone
-    if not writes:  # the outcome is rank 0's to report; exiting non-zero here would make torchrun stop rank 0
-        return 0
-    from extras.llama_commands import report  # the test split, samples, metrics.json and its printout
-
-    report(args, model, log, streams, tokenizer, device, precision, data_time)
-    if log["status"] == "nan":
-        print("llama.py: error: training diverged (loss is NaN or infinite); try a lower --lr", file=sys.stderr)
-        return 1
-    if log["signal"]:
-        print(trainkit.stopped_note(log["signal"], f"at step {log['steps']}", last_path), file=sys.stderr)
-        return trainkit.exit_code(log["signal"])
-    return 130 if log["status"] == "interrupted" else 0
+    resume, callbacks = llama_commands.training_files(args, model, cfg, device, precision, tokenizer_name)
+    log = train(model, streams, cfg, device, precision, resume=resume, **callbacks)
+    return llama_commands.finish_training(args, model, log, streams, tokenizer, device, precision, data_time)
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,7 @@ from the previous steps instead of being recomputed.
     python llama_generation.py --hf-model HuggingFaceTB/SmolLM2-135M      # real weights in our Transformer
     python llama_generation.py --strategy top_p --show-probs              # what each strategy keeps, step by step
 
---hf-model, --show-probs and the older bare state_dict checkpoints are the tool's (extras/).
+--hf-model, --show-probs and checkpoints that are a bare state_dict are the tool's (extras/).
 """
 
 from __future__ import annotations
@@ -220,8 +220,7 @@ def encode_prompt(tokenizer, prompt: str, max_seq_len: int, chat: bool = False) 
 
 def generate(model: Transformer, tokenizer, prompt, device, max_length: int = 50, strategy: str = "greedy",
              temperature: float = 1.0, top_k: int = 50, top_p: float = 0.9, seed: Optional[int] = None,
-             num_samples: int = 1, stream: Optional[Callable[[str], None]] = None,
-             chat: bool = False,
+             num_samples: int = 1, stream: Optional[Callable[[str], None]] = None, chat: bool = False,
              on_choice: Optional[Callable[[torch.Tensor, torch.Tensor, Sampler], None]] = None) -> tuple[list[str], str]:
     """Continue `prompt` (a string, or a list of them decoded as one batch) by up to max_length new tokens;
     returns (continuations, stop reason), num_samples per prompt, the first prompt's first.
@@ -294,10 +293,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=llama.CHECKPOINT, help="written by llama.py")
     p.add_argument("--tokenizer", help="Hub name or local folder (default: the one recorded in the checkpoint)")
-    p.add_argument("--prompt", nargs="+", default=["In a world where"],
-                   help="one or more prompts, decoded together as one batch")
-    p.add_argument("--strategy", choices=STRATEGIES + ("all",), default="all",
-                   help="'all' prints one continuation per strategy")
+    p.add_argument("--prompt", nargs="+", default=["In a world where"], help="one or more, decoded as one batch")
+    p.add_argument("--strategy", choices=STRATEGIES + ("all",), default="all", help="'all': one continuation each")
     p.add_argument("--max-new-tokens", type=int, default=60)
     p.add_argument("--temperature", type=float, default=0.8, help="for the sampling strategies")
     p.add_argument("--top-k", type=int, default=50)
@@ -306,18 +303,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=1, help="continuations per strategy")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     p.add_argument("--show-probs", type=int, nargs="?", const=3, default=0, metavar="STEPS",
-                   help="for the first STEPS steps (3 without a number) print the most likely next tokens with "
-                        "their probabilities before and after the strategy's temperature and filter")
+                   help="the likeliest next tokens before and after the strategy, for the first STEPS (3) steps")
     r = p.add_argument_group("real weights")
-    r.add_argument("--hf-model", metavar="NAME_OR_DIR", help="any Hugging Face LlamaForCausalLM (Hub name or local "
-                   "folder) in our Transformer, with its own tokenizer, instead of --checkpoint")
-    r.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template "
-                   "(instruct models)")
+    r.add_argument("--hf-model", metavar="NAME_OR_DIR", help="a Hugging Face LlamaForCausalLM instead of --checkpoint")
+    r.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     bare = p.add_argument_group("for a checkpoint that is a bare state_dict, without its ModelArgs")
     bare.add_argument("--n-heads", type=int)
     bare.add_argument("--n-kv-heads", type=int)
-    bare.add_argument("--max-seq-len", type=int, help="with --hf-model: positions the KV cache holds (default: "
-                      "the model's max_position_embeddings, at most 4096)")
+    bare.add_argument("--max-seq-len", type=int, help="with --hf-model: the KV cache's positions (up to 4096)")
     bare.add_argument("--multiple-of", type=int)
     return p.parse_args(argv)
 

@@ -2,9 +2,9 @@
 
 For llama.py's and transformer.py's default models, a few training steps (forward, the script's loss,
 backward with its gradient scaler, clipping, the script's optimizer) on synthetic batches of the default
-shapes are timed in fp32 and in bf16 autocast, alternating, median of the repetitions. Then each script's own
-`pick_precision("auto", ...)` (trainkit.choose_precision with that model's matmul shape) says what a run
-would use, and the ratio of that choice's speed to the faster of the two is printed (the target: >= 0.95x).
+shapes are timed in fp32 and in bf16 autocast, alternating, median of the repetitions. Then `--precision auto`
+as each script asks for it (trainkit.choose_precision with that model's matmul shape) says what a run would use,
+and the ratio of that choice's speed to the faster of the two is printed (the target: >= 0.95x).
 
     python benchmarks/bench_precision.py [--reps 5] [--steps 3] [--models llama vit] [--json PATH]
 """
@@ -61,7 +61,8 @@ def llama_step(precision: trainkit.Precision, device: torch.device, seed: int = 
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    auto = lambda: llama.pick_precision("auto", device, params, cfg.batch_size)  # noqa: E731
+    tokens = min(cfg.batch_size * params.max_seq_len, 2048)  # as llama.py measures it
+    auto = lambda: trainkit.precision.for_model("auto", device, tokens, params.dim, params.hidden_dim)  # noqa: E731
     return step, x.numel(), "tokens", auto
 
 

@@ -1,5 +1,6 @@
 """The sub-commands of llama.py and llama_generation.py around the lesson: evaluation, real weights in and out,
-checkpoints that are a bare state_dict, and the report that ends a training run.
+checkpoints that are a bare state_dict; and what a training run reads and writes around llama.train() (--resume,
+the checkpoints, the loss curves, the report that ends it).
 
     python llama.py --eval-only --checkpoint llama_wikitext_trained.pth --split test
     python llama.py --eval-only --hf-model HuggingFaceTB/SmolLM2-135M
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,10 +47,25 @@ def report_eval(args, metrics: dict) -> int:
     return 0
 
 
+def save_checkpoint(path: str, model: llama.Transformer, tokenizer_name: str, **extra) -> None:
+    """state_dict + ModelArgs + tokenizer, written to a temporary file and renamed: never half a file."""
+    ckpt = {"model": model.state_dict(), "model_args": asdict(model.params), "tokenizer": tokenizer_name, **extra}
+    trainkit.atomic_save(ckpt, path)
+
+
+def load_checkpoint(path: str, device="cpu") -> tuple[llama.Transformer, dict]:
+    """Rebuild the model from the ModelArgs stored beside its weights."""
+    ckpt = trainkit.read_checkpoint(path, llama.TRAIN_FIRST)
+    if "model" not in ckpt or "model_args" not in ckpt:
+        raise UserError(f"{path} holds no 'model' and 'model_args'; was it saved by llama.py?")
+    return llama.build_model(ckpt["model_args"], ckpt["model"], path).to(device), ckpt
+
+
 def run_eval_only(args, device) -> int:
     """The perplexity of a checkpoint saved by llama.py on one split."""
-    model, ckpt = llama.load_checkpoint(args.checkpoint, device)
-    precision = llama.pick_precision(args.precision, device, model.params, 16)
+    model, ckpt = load_checkpoint(args.checkpoint, device)
+    tokens = min(16 * model.params.max_seq_len, 2048)  # evaluate's batches of 16 windows
+    precision = trainkit.precision.for_model(args.precision, device, tokens, model.params.dim, model.params.hidden_dim)
     tokenizer = llama.tokenizer_for(model, args.tokenizer or ckpt.get("tokenizer") or "gpt2")
     raw = llama.load_wikitext(args.data_dir, args.dataset, args.dataset_config)
     tokens = llama.tokenize_splits(raw, tokenizer)[args.split]
@@ -80,7 +98,7 @@ def run_eval_hf(args, device) -> int:
 def run_export_hf(args) -> int:
     from extras import llama_hf
 
-    model, ckpt = llama.load_checkpoint(args.checkpoint, "cpu")
+    model, ckpt = load_checkpoint(args.checkpoint, "cpu")
     tokenizer = llama.tokenizer_for(model, args.tokenizer or ckpt.get("tokenizer") or "gpt2")
     written = llama_hf.export_hf(model, tokenizer, args.export_hf)
     print(f"wrote {', '.join(written)} to {args.export_hf}; load it with "
@@ -89,7 +107,57 @@ def run_export_hf(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The end of a training run: the test split, samples, metrics.json
+# Around llama.train(): --resume, the checkpoints and loss curves it writes, the report at its end
+
+
+def training_files(args, model: llama.Transformer, cfg: llama.TrainConfig, device: torch.device,
+                   precision: trainkit.Precision, tokenizer_name: str) -> tuple[Optional[dict], dict]:
+    """The state to resume from (--resume; else None) and the keyword arguments of llama.train() that write the
+    files of the run: the best checkpoint (--checkpoint), the last state beside it (NAME.last.pth, for --resume)
+    and the loss curves (--output-dir). Under torchrun rank 0 alone writes: the others get no callbacks."""
+    params, last_path = model.params, trainkit.last_checkpoint_path(args.checkpoint)
+    state = None
+    if args.resume:
+        state = trainkit.read_resume_state(last_path, "llama.py", asdict(params), asdict(cfg),
+                                           may_change=("max_steps", "time_budget", "eval_interval"))
+        print(f"resuming from {last_path} at step {state['step']} ({state['log']['elapsed_s']:.0f}s trained so far)")
+    if not trainkit.is_main():
+        return state, {}
+    curves_path = Path(args.output_dir) / "loss_curves.png"
+    train_label = "training loss" + (f" (label smoothing {cfg.label_smoothing:g})" if cfg.label_smoothing else "")
+    title = f"llama.py: {model.num_params() / 1e6:.1f}M parameters, {device.type}, {precision.name}"
+
+    def on_best(m, val_loss):
+        save_checkpoint(args.checkpoint, m, tokenizer_name, val_loss=val_loss)
+
+    def on_last(snapshot):  # what --resume needs, with the config and flags it must find again
+        trainkit.atomic_save({**snapshot, "config": asdict(params), "flags": asdict(cfg), "tokenizer": tokenizer_name},
+                             last_path)
+
+    def on_validate(log):
+        trainkit.pictures.plot_lm_curves(curves_path, log["train_curve"], log["val_curve"], train_label=train_label,
+                                         title=title)
+
+    return state, dict(on_best=on_best, on_last=on_last, on_validate=on_validate)
+
+
+def finish_training(args, model: llama.Transformer, log: dict, streams: dict, tokenizer, device: torch.device,
+                    precision: trainkit.Precision, data_time: float) -> int:
+    """After llama.train(): rank 0 reports (the test split, samples, metrics.json) and says how the run ended.
+    Returns the exit code: 0, 1 when the loss diverged, 128 + the signal's number when one stopped the run."""
+    writes = trainkit.is_main()
+    trainkit.teardown_distributed()  # what follows (the test split, samples, the report) is rank 0's alone
+    if not writes:  # the outcome is rank 0's to report; exiting non-zero here would make torchrun stop rank 0
+        return 0
+    report(args, model, log, streams, tokenizer, device, precision, data_time)
+    if log["status"] == "nan":
+        print("llama.py: error: training diverged (loss is NaN or infinite); try a lower --lr", file=sys.stderr)
+        return 1
+    if log["signal"]:
+        last_path = trainkit.last_checkpoint_path(args.checkpoint)
+        print(trainkit.stopped_note(log["signal"], f"at step {log['steps']}", last_path), file=sys.stderr)
+        return trainkit.exit_code(log["signal"])
+    return 130 if log["status"] == "interrupted" else 0
 
 
 @torch.no_grad()
@@ -117,7 +185,7 @@ def report(args, model, log: dict, streams: dict, tokenizer, device, precision, 
     metrics = {"status": log["status"], "steps": log["steps"],
                "final_train_loss": sum(log["recent_losses"]) / max(len(log["recent_losses"]), 1)}
     if Path(args.checkpoint).is_file() and log["val_history"]:
-        model, _ = llama.load_checkpoint(args.checkpoint, device)  # the best validation checkpoint
+        model, _ = load_checkpoint(args.checkpoint, device)  # the best validation checkpoint
         metrics.update(best_step=log["best_step"], val_loss=log["best_val_loss"],
                        val_perplexity=math.exp(log["best_val_loss"]))
         test_loss = llama.evaluate(model, streams["test"], device, precision)

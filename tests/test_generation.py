@@ -8,6 +8,7 @@ from transformers.generation.logits_process import TopPLogitsWarper
 import grading
 import llama
 import llama_generation as gen
+from extras import llama_commands
 from helpers import call_main
 from hf_reference import to_hf_llama
 
@@ -204,7 +205,7 @@ def checkpoint(tmp_path_factory, tiny_tokenizer_dir):
     tok = llama.load_tokenizer(tiny_tokenizer_dir)
     model = tiny_model(vocab_size=len(tok), max_seq_len=64)
     path = tmp_path_factory.mktemp("ckpt") / "llama.pth"
-    llama.save_checkpoint(path, model, tiny_tokenizer_dir)
+    llama_commands.save_checkpoint(path, model, tiny_tokenizer_dir)
     return path, model
 
 
@@ -353,7 +354,7 @@ def test_bad_checkpoints_and_tokenizers_are_reported(checkpoint, tmp_path, capsy
     code, _, err = run_main(["--checkpoint", str(tmp_path / "other.pth")], capsys)
     assert code == 2 and "neither a llama.py checkpoint" in err
     small = tiny_model(vocab_size=50)
-    llama.save_checkpoint(tmp_path / "small.pth", small, torch.load(checkpoint[0])["tokenizer"])
+    llama_commands.save_checkpoint(tmp_path / "small.pth", small, torch.load(checkpoint[0])["tokenizer"])
     code, _, err = run_main(["--checkpoint", str(tmp_path / "small.pth")], capsys)
     assert code == 2 and "tokenizer has" in err
     for e in (err,):

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import llama
 import llama_generation as gen
-from extras import llama_hf
+from extras import llama_commands, llama_hf
 from helpers import call_main
 
 DAY2 = ("rmsnorm", "swiglu", "causal_mask")  # the model's exercises, needed by every test that runs it
@@ -241,7 +241,7 @@ def test_hf_model_without_eval_only_says_what_to_add(hf_dir, capsys):
 
 @pytest.fixture(scope="module", params=[(4, True), (2, False)], ids=["mha_tied", "gqa_untied"])
 def exported(request, tmp_path_factory, tiny_tokenizer_dir):
-    """A course checkpoint (saved by llama.py's save_checkpoint) exported with --export-hf."""
+    """A course checkpoint (as a training run saves it) exported with --export-hf."""
     n_kv_heads, tie = request.param
     torch.manual_seed(0)
     tok = llama.load_tokenizer(tiny_tokenizer_dir)
@@ -252,7 +252,7 @@ def exported(request, tmp_path_factory, tiny_tokenizer_dir):
         for p in model.parameters():
             p.normal_(0, 0.15) if p.dim() == 2 else p.uniform_(0.5, 1.5)
     root = tmp_path_factory.mktemp("export")
-    llama.save_checkpoint(root / "llama.pth", model, tiny_tokenizer_dir)
+    llama_commands.save_checkpoint(root / "llama.pth", model, tiny_tokenizer_dir)
     code = llama.main(["--export-hf", str(root / "hf"), "--checkpoint", str(root / "llama.pth")])
     assert code == 0
     return str(root / "hf"), model

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import grading
 import llama
 from helpers import call_main
+from extras import llama_commands
 from hf_reference import to_hf_llama
 from llama import ModelArgs, Transformer
 
@@ -373,7 +374,7 @@ def test_ctrl_c_after_training_keeps_the_checkpoint_and_exits_130(tmp_path, data
                              str(tmp_path)], capsys)
     assert code == 130 and len(calls) == 3
     assert "interrupted" in err.strip().splitlines()[-1] and "Traceback" not in err  # after the progress bars
-    llama.load_checkpoint(str(ckpt))  # the best validation checkpoint is whole
+    llama_commands.load_checkpoint(str(ckpt))  # the best validation checkpoint is whole
 
 
 def test_missing_or_empty_data_files_are_reported(tmp_path, tiny_tokenizer_dir, capsys):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import llama
+from extras import llama_commands
 from helpers import call_main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
@@ -25,7 +26,7 @@ def test_breakdown_matches_evaluate_and_counts_unseen_tokens(tmp_path, tiny_wiki
     code, out, _ = call_main(perplexity_breakdown.main, ["--checkpoint", str(ckpt), *flags], capsys)
     assert code == 0
 
-    model, _ = llama.load_checkpoint(str(ckpt))
+    model, _ = llama_commands.load_checkpoint(str(ckpt))
     streams = llama.tokenize_splits(llama.load_wikitext(tiny_wikitext_dir), llama.load_tokenizer(tiny_tokenizer_dir))
     val, train_ids = streams["validation"], set(streams["train"].tolist())
     unseen = sum(t not in train_ids for t in val[1:].tolist())

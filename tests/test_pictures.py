@@ -89,13 +89,13 @@ def test_llama_smoke_run_writes_loss_curves_beside_metrics_at_every_validation(t
                                                                               tiny_tokenizer_dir, capsys,
                                                                               monkeypatch):
     drawn = []
-    real_plot = llama.plot_lm_curves
+    real_plot = trainkit.pictures.plot_lm_curves
 
     def spy(path, train, val, **kw):
         drawn.append((len(train), len(val)))
         return real_plot(path, train, val, **kw)
 
-    monkeypatch.setattr(llama, "plot_lm_curves", spy)
+    monkeypatch.setattr(trainkit.pictures, "plot_lm_curves", spy)
     out = tmp_path / "run"
     code, stdout, err = call_main(llama.main, ["--preset", "smoke", "--data-dir", tiny_wikitext_dir, "--tokenizer",
                                                tiny_tokenizer_dir, "--checkpoint", str(tmp_path / "m.pth"),

@@ -51,7 +51,7 @@ def fake_cpu_speeds(monkeypatch, fp32_flops, bf16_flops):
 
 @pytest.fixture
 def bf16_slower(monkeypatch):
-    yield from fake_cpu_speeds(monkeypatch, 271e9, 166e9)  # the Intel machine of issue 10
+    yield from fake_cpu_speeds(monkeypatch, 271e9, 166e9)  # a CPU where bf16 autocast measures 0.61x fp32
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ if __name__ == "__main__":  # run as a script: the repository's llama.py (import
 
 import llama  # noqa: E402
 import trainkit  # noqa: E402
+from extras import llama_commands  # noqa: E402
 
 
 @torch.no_grad()
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--split", choices=["validation", "test"], default="validation")
     args = p.parse_args(argv)
     with trainkit.one_line_errors("perplexity_breakdown.py"):
-        model, ckpt = llama.load_checkpoint(args.checkpoint)
+        model, ckpt = llama_commands.load_checkpoint(args.checkpoint)
         tokenizer = llama.tokenizer_for(model, args.tokenizer or ckpt.get("tokenizer") or "gpt2")
         raw = llama.load_wikitext(args.data_dir, "Salesforce/wikitext", "wikitext-2-raw-v1")
         streams = llama.tokenize_splits(raw, tokenizer)

@@ -141,3 +141,10 @@ def choose_precision(flag: str, device: torch.device, matmul_shape: tuple[int, i
     return Precision("fp32", kind, f"the default on {kind}; try --precision fp16")
 
 
+
+def for_model(flag: str, device: torch.device, tokens: int, dim: int, hidden: int) -> Precision:
+    """choose_precision for a model whose largest matmul takes `tokens` rows from width `dim` to `hidden` (a
+    batch of tokens through the MLP's first layer); it prints what it chose, so every run says so."""
+    precision = choose_precision(flag, device, (tokens, dim, hidden))
+    print(precision.describe())
+    return precision
