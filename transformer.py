@@ -483,9 +483,9 @@ def learning_rate(progress: float, base_lr: float, warmup: float, min_ratio: flo
 
 
 def pick_precision(flag: str, device: torch.device, config: ViTConfig, batch_size: int) -> Precision:
-    """--precision on this device; auto times a matmul shaped like the model's MLP on a batch of tokens."""
+    """--precision on this device, printed; auto times a matmul shaped like the model's MLP on a batch of tokens."""
     tokens = min(batch_size * (config.n_patches + 1), 4096)
-    return trainkit.choose_precision(flag, device, (tokens, config.dim, config.mlp_dim))
+    return trainkit.precision.for_model(flag, device, tokens, config.dim, config.mlp_dim)
 
 
 @torch.no_grad()
@@ -657,7 +657,7 @@ def train(config: ViTConfig, s: TrainConfig, pretrained: VisionTransformer | Non
     config = model.config
     # Measured on rank 0 and used by all: every process must compute in the same precision.
     precision = trainkit.same_on_all(pick_precision(s.precision, device, config, local_batch))
-    print(f"{precision.describe()}\nbatch: {s.batch_size} images per step, {trainkit.world_size()} process(es) x "
+    print(f"batch: {s.batch_size} images per step, {trainkit.world_size()} process(es) x "
           f"{local_batch}\nmodel: {model.num_params() / 1e6:.2f}M parameters, {config.n_patches + 1} tokens, "
           f"device {device.type}, {precision.name}, threads {torch.get_num_threads()}")
     # TrainStep: autocast, fp16 loss scaling, and under torchrun DDP averaging the gradients over the processes.

@@ -185,7 +185,6 @@ def eval_only(args: argparse.Namespace) -> int:
         raise UserError(f"checkpoint classes {class_names} differ from the data's classes {data_classes}")
     cache = transformer.cache_split(val_ds, image_col, label_col, model.config.image_size, "validation")
     precision = transformer.pick_precision(args.precision, device, model.config, args.batch_size)
-    print(precision.describe())
     result = transformer.evaluate(model, cache, class_names, device, precision, tta=args.tta)
     print(f"validation accuracy {result['accuracy']:.4f} on {len(cache)} images ({cache.skipped} unreadable skipped)")
     print("per-class accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in result["per_class_accuracy"].items()))

@@ -180,7 +180,6 @@ def run_finetune_head(args: argparse.Namespace, model: VisionTransformer) -> dic
     train_cache = transformer.cache_split(train_ds, image_col, label_col, size, "train")
     val_cache = transformer.cache_split(val_ds, image_col, label_col, size, "validation")
     precision = transformer.pick_precision(args.precision, device, model.config, args.batch_size)
-    print(precision.describe())
     print(f"model: {args.pretrained}, {model.num_params():,} parameters, {size}x{size} images; "
           f"encoding {len(train_cache)} train and {len(val_cache)} validation images once")
     t_features = time.perf_counter()
