@@ -187,6 +187,18 @@ def test_stem_channels_from_a_saved_config_become_a_tuple():
     assert c.stem_channels == (6, 12, 16) and c == small_config(stem_channels=(6, 12, 16))
 
 
+@pytest.mark.parametrize("argv, expected", [
+    ([], (24, 48, 96)),  # the default preset has a stem
+    (["--preset", "smoke"], ()),
+    (["--stem-channels", "none"], ()),
+    (["--stem-channels", ""], ()),
+    (["--stem-channels", "16,32,64"], (16, 32, 64)),
+    (["--patch-size", "4", "--stem-channels", "16,32"], (16, 32)),
+])
+def test_stem_channels_flag_takes_comma_separated_channels_or_none(argv, expected):
+    assert T.model_config(T.parse_args(argv)).stem_channels == expected
+
+
 # ---------------------------------------------------------------------------------------------------- data
 
 
@@ -276,6 +288,28 @@ def test_main_smoke_writes_metrics_checkpoint_and_grid(trained):
 
 
 @needs_all
+def test_checkpoint_with_a_conv_stem_loads_back_with_the_stem_and_its_running_statistics(image_folder, tmp_path,
+                                                                                         capsys):
+    from extras.vit_commands import load_checkpoint
+
+    assert T.main(["--data-dir", str(image_folder), "--preset", "smoke", "--stem-channels", "4,8,8", "--output-dir",
+                   str(tmp_path), "--quiet"]) == 0
+    path = tmp_path / "vit_cats_vs_dogs.pth"
+    saved = torch.load(path, weights_only=True)
+    model, class_names = load_checkpoint(path, torch.device("cpu"))
+    assert model.config.stem_channels == (4, 8, 8) and class_names == ["cats", "dogs"]
+    assert [type(m).__name__ for m in model.patch_embedding.stem][:3] == ["Conv2d", "BatchNorm2d", "ReLU"]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved["model"][name]), name
+    assert not torch.equal(saved["model"]["patch_embedding.stem.1.running_var"], torch.ones(4))  # trained stats
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert T.ViTConfig(**metrics["config"]) == model.config  # the json list becomes the tuple again
+    image = image_folder / "validation" / "cats" / "cats_0.jpg"
+    assert T.main(["--predict", str(image), "--checkpoint", str(path)]) == 0  # attention maps with a stem too
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(str(image))
+
+
+@needs_all
 def test_predict_prints_probabilities_that_sum_to_one(trained, image_folder, capsys):
     image = image_folder / "validation" / "dogs" / "dogs_0.jpg"
     assert T.main(["--predict", str(image), "--checkpoint", str(trained / "vit_cats_vs_dogs.pth")]) == 0
@@ -353,6 +387,8 @@ def bad_folders(root):
     (["--dim", "50", "--heads", "4"], "not divisible by n_heads"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--epochs", "many"], "invalid int value"),
+    (["--stem-channels", "8,x"], "argument --stem-channels: expected channel counts separated by commas"),
+    (["--stem-channels", "8,8"], "halves the image 2 times, to patches of 4 pixels, but patch_size is 8"),
 ])
 def test_bad_input_exits_nonzero_with_one_line_and_no_traceback(argv, message, tmp_path, capsys):
     bad_folders(tmp_path)
