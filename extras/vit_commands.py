@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     for flag in ("--image-size", "--patch-size", "--dim", "--depth", "--mlp-dim"):
         m.add_argument(flag, type=int)
+    m.add_argument("--stem-channels", type=stem_channels, metavar="C1,C2,...",
+                   help="a convolutional stem: one 3x3 stride-2 convolution (with BatchNorm and ReLU) per entry, "
+                   "log2(patch size) of them, e.g. 24,48,96 for --patch-size 8; 'none': no stem, one "
+                   "patch-sized convolution")
     m.add_argument("--n-heads", "--heads", dest="n_heads", type=int)
     m.add_argument("--dropout", type=float)
     m.add_argument("--attention-dropout", type=float)
@@ -88,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "every image once with the frozen encoder and train only the new head (minutes on a CPU); "
                    "all: train everything (for a GPU)")
     return p
+
+
+def stem_channels(text: str) -> tuple[int, ...]:
+    """--stem-channels: "24,48,96" -> (24, 48, 96); "none" or "" -> () (no stem)."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected channel counts separated by commas (e.g. 24,48,96) or "
+                                         f"'none', got {text!r}") from None
 
 
 def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, model_config) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -34,8 +35,12 @@ FINETUNE_DEFAULTS = {"head": dict(epochs=50, lr=1e-3), "all": dict(epochs=3, lr=
 def from_torchvision_state_dict(tv_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Renames the tensors of a `torchvision.models.vision_transformer.VisionTransformer` to ours (same shapes,
     nothing else changes), so `model.load_state_dict(from_torchvision_state_dict(tv.state_dict()))` works: the
-    two are the same architecture, module for module."""
+    two are the same architecture, module for module. A conv stem (torchvision's conv_stem_configs) maps too:
+    conv_proj.conv_bn_relu_{i}'s conv (.0) and BatchNorm (.1) are our stem's modules 3i and 3i+1 (3i+2 is its
+    ReLU), conv_proj.conv_last our 1x1 proj."""
+    stem = re.compile(r"^conv_proj\.conv_bn_relu_(\d+)\.([01])\.")
     renames = [
+        ("conv_proj.conv_last.", "patch_embedding.proj."),
         ("conv_proj.", "patch_embedding.proj."),
         ("encoder.pos_embedding", "pos_embedding"),
         ("encoder.layers.encoder_layer_", "layers."),
@@ -48,6 +53,7 @@ def from_torchvision_state_dict(tv_state: dict[str, torch.Tensor]) -> dict[str, 
     ]
     ours = {}
     for name, tensor in tv_state.items():
+        name = stem.sub(lambda m: f"patch_embedding.stem.{3 * int(m[1]) + int(m[2])}.", name)
         for old, new in renames:
             name = name.replace(old, new)
         ours[name] = tensor

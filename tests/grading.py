@@ -124,9 +124,22 @@ def randomize_(module: nn.Module, std: float = 0.2, seed: int = 0) -> nn.Module:
 # Day 1: transformer.py
 
 
+def flattening_mistakes(grid: torch.Tensor, expected: torch.Tensor, bias: torch.Tensor) -> dict:
+    """The usual mistakes between self.proj's (B, dim, h, w) grid and the (B, N, dim) tokens, for expect_close."""
+    B, D = grid.shape[:2]
+    return {
+        "the patches come column by column: flatten the grid (H/p, W/p) as it is, without swapping H and W":
+            lambda: grid.transpose(2, 3).flatten(2).transpose(1, 2),
+        "(B, dim, N) was reshaped to (B, N, dim): that mixes channels and patches; transpose the last two dims":
+            lambda: grid.reshape(B, -1, D),
+        "the bias of self.proj is missing": lambda: expected - bias,
+    }
+
+
 def check_patch_embedding(PatchEmbedding: type) -> None:
-    """PatchEmbedding(patch_size, dim, in_channels): (B, C, H, W) -> (B, N, dim), patches in row-major order,
-    each flattened and multiplied by the conv kernel (F.unfold and one matrix product are the truth)."""
+    """PatchEmbedding(patch_size, dim, in_channels) without a stem: (B, C, H, W) -> (B, N, dim), patches in
+    row-major order, each flattened and multiplied by the conv kernel (F.unfold and one matrix product are the
+    truth)."""
     __tracebackhide__ = True
     torch.manual_seed(0)
     emb = randomize_(PatchEmbedding(patch_size=4, dim=10, in_channels=3))
@@ -134,19 +147,88 @@ def check_patch_embedding(PatchEmbedding: type) -> None:
     patches = F.unfold(images, kernel_size=4, stride=4).transpose(1, 2)  # (B, 9, 3*4*4), rows of patches
     expected = patches @ emb.proj.weight.reshape(10, -1).T + emb.proj.bias
     conv = F.conv2d(images, emb.proj.weight, emb.proj.bias, stride=4)  # (B, dim, 3, 3)
-    mistakes = {
-        "the patches come column by column: flatten the grid (H/p, W/p) as it is, without swapping H and W":
-            lambda: conv.transpose(2, 3).flatten(2).transpose(1, 2),
-        "(B, dim, N) was reshaped to (B, N, dim): that mixes channels and patches; transpose the last two dims":
-            lambda: conv.reshape(2, 9, 10),
-        "the bias of self.proj is missing": lambda: expected - emb.proj.bias,
-    }
     with torch.no_grad():
         out = emb(images.clone())
     expect_close("patch_embedding", "PatchEmbedding(4, 10, 3) on (2, 3, 12, 12) images", out, expected, 1e-5, 1e-5,
-                 mistakes)
+                 flattening_mistakes(conv, expected, emb.proj.bias))
     expect_same_gradients("patch_embedding", "PatchEmbedding(4, 10, 3)", emb, lambda im: F.unfold(
         im, kernel_size=4, stride=4).transpose(1, 2) @ emb.proj.weight.reshape(10, -1).T + emb.proj.bias, images)
+
+
+def torchvision_conv_stem(stem_channels: tuple[int, ...], dim: int) -> nn.Sequential:
+    """torchvision's conv_proj for conv_stem_configs (per entry a Conv2dNormActivation: 3x3 stride-2 Conv2d
+    without bias, BatchNorm2d, ReLU; then conv_last, a 1x1 Conv2d), random weights and running statistics."""
+    from torchvision.models.vision_transformer import ConvStemConfig, VisionTransformer
+
+    p = 2 ** len(stem_channels)
+    ref = VisionTransformer(image_size=p, patch_size=p, num_layers=1, num_heads=1, hidden_dim=dim, mlp_dim=4,
+                            conv_stem_configs=[ConvStemConfig(c, kernel_size=3, stride=2) for c in stem_channels])
+    ref = randomize_(ref.conv_proj)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for bn in (m for m in ref.modules() if isinstance(m, nn.BatchNorm2d)):  # far from the initial 0 and 1
+            bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=g) * 0.5)
+            bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=g) + 0.5)
+    return ref
+
+
+def stem_names(tv_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision's conv_proj names -> PatchEmbedding's: conv_bn_relu_{i}.{j} -> stem.{3i + j}, conv_last -> proj."""
+    ours = {}
+    for name, tensor in tv_state.items():
+        block, _, rest = name.partition(".")
+        if block == "conv_last":
+            ours["proj." + rest] = tensor
+        else:
+            j, _, rest = rest.partition(".")
+            ours[f"stem.{3 * int(block.rsplit('_', 1)[1]) + int(j)}.{rest}"] = tensor
+    return ours
+
+
+def patch_tokens(emb: nn.Module, images: torch.Tensor, what: str) -> torch.Tensor:
+    """emb(images); a crash in the forward becomes a diagnosis (a TODO still raises NotImplementedError)."""
+    __tracebackhide__ = True
+    try:
+        return emb(images)
+    except NotImplementedError:
+        raise
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        hint = ("likely cause: self.proj got the images themselves; with a stem, self.proj is a 1x1 convolution "
+                "of the stem's output: apply self.stem first" if "channels" in first else "")
+        wrong("patch_embedding", f"{what}: the forward raised {type(e).__name__}: {first}", hint)
+
+
+def check_patch_embedding_stem(PatchEmbedding: type) -> None:
+    """PatchEmbedding(4, 10, 3, stem_channels=(6, 8)): self.stem then self.proj, then the grid flattened to tokens
+    in row-major order. The truth is torchvision's conv_proj for the same conv_stem_configs with the same weights,
+    followed by torchvision's own (B, dim, h, w) -> (B, N, dim), in eval mode (BatchNorm normalises with its
+    running statistics) and in training mode (with the batch's statistics, updating the running ones once)."""
+    __tracebackhide__ = True
+    torch.manual_seed(0)
+    ref = torchvision_conv_stem((6, 8), dim=10)
+    emb = PatchEmbedding(patch_size=4, dim=10, in_channels=3, stem_channels=(6, 8))
+    emb.load_state_dict(stem_names(ref.state_dict()))
+    images = torch.randn(2, 3, 16, 16)
+    what = "PatchEmbedding(4, 10, 3, stem_channels=(6, 8)) on (2, 3, 16, 16) images"
+
+    def tokens(grid: torch.Tensor) -> torch.Tensor:  # (B, dim, h, w) -> (B, N, dim): torchvision's _process_input
+        return grid.reshape(grid.shape[0], grid.shape[1], -1).permute(0, 2, 1)
+
+    for mode in ("eval", "training"):
+        ref.train(mode == "training")
+        emb.train(mode == "training")
+        with torch.no_grad():
+            grid = ref(images)  # (B, dim, 4, 4); in training mode this updates ref's running statistics once
+            expected = tokens(grid)
+            out = patch_tokens(emb, images.clone(), f"{what} in {mode} mode")
+        expect_close("patch_embedding", f"{what} in {mode} mode", out, expected, 1e-4, 1e-5,
+                     flattening_mistakes(grid, expected, ref.conv_last.bias))
+    runs = {int(m.num_batches_tracked) for m in emb.modules() if isinstance(m, nn.BatchNorm2d)}
+    if runs != {1}:
+        wrong("patch_embedding", f"{what}: one forward pass in training mode updated the stem's BatchNorm running "
+                                 f"statistics {max(runs)} times, not once: apply self.stem once per forward")
+    expect_same_gradients("patch_embedding", f"{what} in training mode", emb, lambda im: tokens(ref(im)), images)
 
 
 def attention_reference(attn: nn.Module, x: torch.Tensor, scale: Optional[float] = None, softmax_dim: int = -1,
@@ -726,7 +808,7 @@ def _check_top_p(filter_top_p: Callable, cases) -> None:
 # Every graded check of each exercise, in the order the graded tests run them: the battery in
 # tests/test_grading.py runs all of them on each solution.
 _CHECKS = {
-    "patch_embedding": [check_patch_embedding],
+    "patch_embedding": [check_patch_embedding, check_patch_embedding_stem],
     "attention": [check_attention, check_attention_formula],
     "encoder_block": [check_encoder_block, check_encoder_block_dropout],
     "rmsnorm": [check_rmsnorm, check_rmsnorm_bf16],

@@ -32,62 +32,120 @@ def fails_with(exercise, impl, phrase):
 
 
 # ----------------------------------------------------------------------------------------------------
-# patch_embedding: conv then flatten, or the patches cut out by hand
+# patch_embedding: stem, conv, then flatten; or the patches cut out by hand and one matrix product (after the
+# stem, proj is a 1x1 conv: patches of one pixel)
 
 
 class PatchFlattenTranspose(T.PatchEmbedding):
     def forward(self, images):
-        return self.proj(images).flatten(2).transpose(1, 2)
+        return self.proj(self.stem(images)).flatten(2).transpose(1, 2)
 
 
 class PatchPermuteReshape(T.PatchEmbedding):
     def forward(self, images):
-        x = self.proj(images)  # (B, dim, h, w)
+        x = self.proj(self.stem(images))  # (B, dim, h, w)
         return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+
+
+class PatchReshapePermute(T.PatchEmbedding):
+    def forward(self, images):  # torchvision's _process_input: reshape to (B, dim, N), then permute
+        x = self.proj(self.stem(images))
+        B, D, h, w = x.shape
+        return x.reshape(B, D, h * w).permute(0, 2, 1)
 
 
 class PatchUnfoldMatmul(T.PatchEmbedding):
     def forward(self, images):
+        x = self.stem(images)
         p = self.proj.kernel_size[0]
-        patches = F.unfold(images, kernel_size=p, stride=p).transpose(1, 2)
+        patches = F.unfold(x, kernel_size=p, stride=p).transpose(1, 2)
         return patches @ self.proj.weight.flatten(1).T + self.proj.bias
 
 
 class PatchReshapeByHand(T.PatchEmbedding):
     def forward(self, images):  # cut the patches with view/permute, then one einsum with the kernel
-        B, C, H, W = images.shape
+        x = self.stem(images)
+        B, C, H, W = x.shape
         p = self.proj.kernel_size[0]
-        patches = images.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C, p, p)
+        patches = x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C, p, p)
         return torch.einsum("bncij,dcij->bnd", patches, self.proj.weight) + self.proj.bias
+
+
+class PatchStemOnlyWhenThere(T.PatchEmbedding):
+    def forward(self, images):  # unfold + matmul for the plain patch projection, the modules with a stem
+        if isinstance(self.stem, torch.nn.Identity):
+            p = self.proj.kernel_size[0]
+            return F.unfold(images, p, stride=p).transpose(1, 2) @ self.proj.weight.flatten(1).T + self.proj.bias
+        return self.proj(self.stem(images)).flatten(2).transpose(1, 2)
+
+
+class PatchNoStem(T.PatchEmbedding):
+    def forward(self, images):  # the classic patch embedding: right without a stem only
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+class PatchStemTwice(T.PatchEmbedding):
+    def forward(self, images):
+        n = self.stem(images).shape[-1] ** 2  # a shape check that runs the stem (and its BatchNorm) once more
+        x = self.proj(self.stem(images))
+        return x.flatten(2).transpose(1, 2)[:, :n]
 
 
 class PatchColumnMajor(T.PatchEmbedding):
     def forward(self, images):
-        return self.proj(images).transpose(2, 3).flatten(2).transpose(1, 2)
+        return self.proj(self.stem(images)).transpose(2, 3).flatten(2).transpose(1, 2)
 
 
 class PatchReshapeNoTranspose(T.PatchEmbedding):
     def forward(self, images):
-        x = self.proj(images)
+        x = self.proj(self.stem(images))
         return x.reshape(x.shape[0], -1, x.shape[1])
 
 
 class PatchChannelsFirst(T.PatchEmbedding):
     def forward(self, images):
-        return self.proj(images).flatten(2)
+        return self.proj(self.stem(images)).flatten(2)
 
 
 class PatchNoBias(T.PatchEmbedding):
     def forward(self, images):
-        return F.conv2d(images, self.proj.weight, stride=self.proj.stride).flatten(2).transpose(1, 2)
+        return F.conv2d(self.stem(images), self.proj.weight, stride=self.proj.stride).flatten(2).transpose(1, 2)
 
 
-@pytest.mark.parametrize("impl", [PatchFlattenTranspose, PatchPermuteReshape, PatchUnfoldMatmul, PatchReshapeByHand])
+class WrongOnlyWithStem(T.PatchEmbedding):
+    """Right without a stem, so the grader's check with one is what must catch `tokens_with_stem`."""
+
+    def forward(self, images):
+        x = self.proj(self.stem(images))
+        if isinstance(self.stem, torch.nn.Identity):
+            return x.flatten(2).transpose(1, 2)
+        return self.tokens_with_stem(x)
+
+
+class PatchStemColumnMajor(WrongOnlyWithStem):
+    def tokens_with_stem(self, x):
+        return x.transpose(2, 3).flatten(2).transpose(1, 2)
+
+
+class PatchStemReshapeNoTranspose(WrongOnlyWithStem):
+    def tokens_with_stem(self, x):
+        return x.reshape(x.shape[0], -1, x.shape[1])
+
+
+class PatchStemChannelsFirst(WrongOnlyWithStem):
+    def tokens_with_stem(self, x):
+        return x.flatten(2)
+
+
+@pytest.mark.parametrize("impl", [PatchFlattenTranspose, PatchPermuteReshape, PatchReshapePermute, PatchUnfoldMatmul,
+                                  PatchReshapeByHand, PatchStemOnlyWhenThere])
 def test_patch_embedding_grader_accepts(impl):
     passes("patch_embedding", impl)
 
 
 @pytest.mark.parametrize("impl, phrase", [
+    (PatchNoStem, "apply self.stem first"),
+    (PatchStemTwice, "statistics 2 times, not once"),
     (PatchColumnMajor, "column by column"),
     (PatchReshapeNoTranspose, "mixes channels and patches"),
     (PatchChannelsFirst, "returned shape (2, 10, 9), expected (2, 9, 10)"),
@@ -95,6 +153,15 @@ def test_patch_embedding_grader_accepts(impl):
 ])
 def test_patch_embedding_grader_rejects(impl, phrase):
     fails_with("patch_embedding", impl, phrase)
+
+
+@pytest.mark.parametrize("impl, phrase", [
+    (PatchStemColumnMajor, "column by column"),
+    (PatchStemReshapeNoTranspose, "mixes channels and patches"),
+    (PatchStemChannelsFirst, "returned shape (2, 10, 16), expected (2, 16, 10)"),
+])
+def test_patch_embedding_grader_rejects_mistakes_made_only_with_a_stem(impl, phrase):
+    assert "stem_channels=(6, 8)" in fails_with("patch_embedding", impl, phrase)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -27,10 +27,12 @@ def small_config(**overrides) -> T.ViTConfig:
 
 
 def torchvision_vit(c: T.ViTConfig) -> nn.Module:
-    from torchvision.models.vision_transformer import VisionTransformer
+    from torchvision.models.vision_transformer import ConvStemConfig, VisionTransformer
 
+    stem = [ConvStemConfig(channels, kernel_size=3, stride=2) for channels in c.stem_channels] or None
     return VisionTransformer(image_size=c.image_size, patch_size=c.patch_size, num_layers=c.depth,
-                             num_heads=c.n_heads, hidden_dim=c.dim, mlp_dim=c.mlp_dim, num_classes=c.num_classes)
+                             num_heads=c.n_heads, hidden_dim=c.dim, mlp_dim=c.mlp_dim, num_classes=c.num_classes,
+                             conv_stem_configs=stem)
 
 
 # ---------------------------------------------------------------------------------------------------- components
@@ -43,6 +45,11 @@ def torchvision_vit(c: T.ViTConfig) -> nn.Module:
 @pytest.mark.patch_embedding
 def test_patch_embedding_matches_unfold_and_matmul():
     grading.check_patch_embedding(T.PatchEmbedding)
+
+
+@pytest.mark.patch_embedding
+def test_patch_embedding_with_stem_matches_torchvision_conv_proj_in_eval_and_training_mode():
+    grading.check_patch_embedding_stem(T.PatchEmbedding)
 
 
 @pytest.mark.attention
@@ -83,8 +90,39 @@ def test_model_matches_torchvision_visiontransformer(batch):
     assert (got - expected).abs().max().item() < 1e-5
 
 
-def test_parameter_names_and_shapes_match_torchvision_one_to_one():
-    c = small_config()
+@needs_all
+def test_conv_stem_model_matches_torchvision_conv_stem_configs_in_eval_and_training_mode_with_same_gradients():
+    torch.manual_seed(0)
+    c = small_config(stem_channels=(6, 12, 16))
+    ref = randomize_(torchvision_vit(c))
+    g = torch.Generator().manual_seed(1)
+    for bn in [m for m in ref.modules() if isinstance(m, nn.BatchNorm2d)]:  # running statistics far from 0 and 1
+        bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=g))
+        bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=g) + 0.5)
+    ours = T.VisionTransformer(c)
+    ours.load_state_dict(from_torchvision_state_dict(ref.state_dict()))  # strict: every tensor maps, none left
+    images = torch.randn(4, 3, c.image_size, c.image_size)
+    with torch.no_grad():  # eval: BatchNorm normalises with its running statistics
+        eval_logits = ours.eval()(images)
+        assert (eval_logits - ref.eval()(images)).abs().max().item() < 1e-5
+    ref.train(), ours.train()  # training: with the batch's statistics, which also update the running ones
+    expected, logits = ref(images), ours(images)
+    r = torch.randn(expected.shape, generator=g)
+    (expected * r).sum().backward()
+    (logits * r).sum().backward()
+    assert (logits - expected).abs().max().item() < 1e-5
+    assert (logits - eval_logits).abs().max().item() > 1e-3  # the two modes differ: both were compared
+    theirs = from_torchvision_state_dict({k: v.grad for k, v in ref.named_parameters()})
+    for name, p in ours.named_parameters():
+        assert torch.allclose(p.grad, theirs[name], rtol=1e-4, atol=1e-6), name
+    theirs = from_torchvision_state_dict(dict(ref.named_buffers()))
+    for name, buffer in ours.named_buffers():
+        assert torch.allclose(buffer.double(), theirs[name].double(), atol=1e-6), name
+
+
+@pytest.mark.parametrize("stem_channels", [(), (6, 12, 16)])
+def test_parameter_names_and_shapes_match_torchvision_one_to_one(stem_channels):
+    c = small_config(stem_channels=stem_channels)
     ours = {k: v.shape for k, v in T.VisionTransformer(c).state_dict().items()}
     theirs = {k: v.shape for k, v in from_torchvision_state_dict(torchvision_vit(c).state_dict()).items()}
     assert ours == theirs
@@ -109,6 +147,20 @@ def test_every_parameter_receives_a_gradient():
     assert missing == []
 
 
+def test_conv_stem_keeps_pytorchs_default_init_and_the_projection_its_truncated_normal():
+    torch.manual_seed(0)
+    emb = T.VisionTransformer(small_config(dim=96, stem_channels=(32, 64, 64))).patch_embedding
+    convs = [m for m in emb.stem if isinstance(m, nn.Conv2d)]
+    norms = [m for m in emb.stem if isinstance(m, nn.BatchNorm2d)]
+    assert len(convs) == len(norms) == 3 and all(conv.bias is None for conv in convs)  # BatchNorm shifts instead
+    for conv in convs:  # Kaiming-uniform (a = sqrt 5): uniform in +-1/sqrt(fan_in), std 1/sqrt(3 fan_in)
+        fan_in = conv.weight[0].numel()
+        assert abs(conv.weight.std().item() * (3 * fan_in) ** 0.5 - 1) < 0.1
+    assert all((bn.weight == 1).all() and (bn.bias == 0).all() for bn in norms)
+    assert emb.proj.kernel_size == (1, 1) and abs(emb.proj.weight.std().item() - 0.02) < 0.003
+    assert (emb.proj.bias == 0).all()
+
+
 def test_wrong_image_size_is_a_clear_error_like_torchvision():
     model = T.VisionTransformer(small_config())
     with pytest.raises(ValueError, match=r"expects images of shape \(B, 3, 32, 32\)"):
@@ -121,10 +173,30 @@ def test_wrong_image_size_is_a_clear_error_like_torchvision():
     (dict(depth=0), "depth must be a positive integer"),
     (dict(num_classes=1), "num_classes must be at least 2"),
     (dict(dropout=1.5), "dropout must be in"),
+    (dict(stem_channels=(8, 8)), r"halves the image 2 times, to patches of 4 pixels, but patch_size is 8"),
+    (dict(stem_channels=(8, 0, 8)), "stem_channels must be a tuple of positive integers"),
+    (dict(stem_channels=8), "stem_channels must be a tuple of positive integers"),
 ])
 def test_config_validation_raises_clear_valueerror(overrides, message):
     with pytest.raises(ValueError, match=message):
         small_config(**overrides)
+
+
+def test_stem_channels_from_a_saved_config_become_a_tuple():
+    c = small_config(stem_channels=[6, 12, 16])  # as json (metrics.json) gives them back
+    assert c.stem_channels == (6, 12, 16) and c == small_config(stem_channels=(6, 12, 16))
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], (24, 48, 96)),  # the default preset has a stem
+    (["--preset", "smoke"], ()),
+    (["--stem-channels", "none"], ()),
+    (["--stem-channels", ""], ()),
+    (["--stem-channels", "16,32,64"], (16, 32, 64)),
+    (["--patch-size", "4", "--stem-channels", "16,32"], (16, 32)),
+])
+def test_stem_channels_flag_takes_comma_separated_channels_or_none(argv, expected):
+    assert T.model_config(T.parse_args(argv)).stem_channels == expected
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -216,6 +288,28 @@ def test_main_smoke_writes_metrics_checkpoint_and_grid(trained):
 
 
 @needs_all
+def test_checkpoint_with_a_conv_stem_loads_back_with_the_stem_and_its_running_statistics(image_folder, tmp_path,
+                                                                                         capsys):
+    from extras.vit_commands import load_checkpoint
+
+    assert T.main(["--data-dir", str(image_folder), "--preset", "smoke", "--stem-channels", "4,8,8", "--output-dir",
+                   str(tmp_path), "--quiet"]) == 0
+    path = tmp_path / "vit_cats_vs_dogs.pth"
+    saved = torch.load(path, weights_only=True)
+    model, class_names = load_checkpoint(path, torch.device("cpu"))
+    assert model.config.stem_channels == (4, 8, 8) and class_names == ["cats", "dogs"]
+    assert [type(m).__name__ for m in model.patch_embedding.stem][:3] == ["Conv2d", "BatchNorm2d", "ReLU"]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved["model"][name]), name
+    assert not torch.equal(saved["model"]["patch_embedding.stem.1.running_var"], torch.ones(4))  # trained stats
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert T.ViTConfig(**metrics["config"]) == model.config  # the json list becomes the tuple again
+    image = image_folder / "validation" / "cats" / "cats_0.jpg"
+    assert T.main(["--predict", str(image), "--checkpoint", str(path)]) == 0  # attention maps with a stem too
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(str(image))
+
+
+@needs_all
 def test_predict_prints_probabilities_that_sum_to_one(trained, image_folder, capsys):
     image = image_folder / "validation" / "dogs" / "dogs_0.jpg"
     assert T.main(["--predict", str(image), "--checkpoint", str(trained / "vit_cats_vs_dogs.pth")]) == 0
@@ -293,6 +387,8 @@ def bad_folders(root):
     (["--dim", "50", "--heads", "4"], "not divisible by n_heads"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--epochs", "many"], "invalid int value"),
+    (["--stem-channels", "8,x"], "argument --stem-channels: expected channel counts separated by commas"),
+    (["--stem-channels", "8,8"], "halves the image 2 times, to patches of 4 pixels, but patch_size is 8"),
 ])
 def test_bad_input_exits_nonzero_with_one_line_and_no_traceback(argv, message, tmp_path, capsys):
     bad_folders(tmp_path)

@@ -32,7 +32,7 @@ SCRIPTS = ("transformer.py", "llama.py", "llama_generation.py")
 # The course's exercises, the one registry: the markers in the scripts must name exactly these, pytest's
 # summary (conftest.py) reports on them, tests/grading.py holds the checks of each, and the README lists them.
 EXERCISES = {
-    "patch_embedding": ("transformer.py", "split an image into patches and project them"),
+    "patch_embedding": ("transformer.py", "patches (after the conv stem, if any), projected to tokens"),
     "attention": ("transformer.py", "scaled dot-product attention in MultiHeadSelfAttention"),
     "encoder_block": ("transformer.py", "the pre-norm encoder block's forward"),
     "rmsnorm": ("llama.py", "RMSNorm"),
