@@ -242,7 +242,7 @@ def generate(model: Transformer, tokenizer, prompt, device, max_length: int = 50
     def on_token(nxt):
         if stream is not None:
             pieces.append(int(nxt[0]))
-            text = tokenizer.decode(pieces)
+            text = tokenizer.decode(pieces, skip_special_tokens=True)
             if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                 stream(text[shown[0]:])
                 shown[0] = len(text)
@@ -254,14 +254,33 @@ def generate(model: Transformer, tokenizer, prompt, device, max_length: int = 50
             on_choice(logits, nxt, sampler)
             return nxt
 
-    new, reason = generate_tokens(model, prompt_ids, max_length, pick_next, tokenizer.eos_token_id, on_token=on_token,
+    stop_id = end_of_turn_id(tokenizer) if chat else tokenizer.eos_token_id
+    # The decoding steps run on fast_decoder(model): the same tokens, with the per-step work done once up front.
+    new, reason = generate_tokens(fast_decoder(model), prompt_ids, max_length, pick_next, stop_id, on_token=on_token,
                                   n_pad=n_pad)
-    texts = [tokenizer.decode([t for t in row if t != tokenizer.eos_token_id]) for row in new.tolist()]
+    texts = [tokenizer.decode([t for t in row if t != stop_id], skip_special_tokens=True) for row in new.tolist()]
     return texts, reason
 
 
-# The course's four entry points, one per strategy: a prompt in, its continuation (without the prompt) out.
 
+def fast_decoder(model: Transformer):
+    """The model as the decoding loop drives it fastest (extras/fast_decoding.py: fused matrices, kernels and
+    weights' dtype measured on this machine), built once per model; in float32 the same tokens as the model."""
+    from extras.fast_decoding import fast_decoder
+
+    return fast_decoder(model)
+
+
+def end_of_turn_id(tokenizer) -> Optional[int]:
+    """The token that ends an assistant's turn in the tokenizer's chat template (ChatML's <|im_end|>, Llama 3's
+    <|eot_id|>): the special token the template writes right after a message; else the end-of-text token."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}],
+                                         tokenize=False)
+    after = tokenizer(text[text.rindex("!") + 1:], add_special_tokens=False)["input_ids"]
+    return after[0] if after and after[0] in tokenizer.all_special_ids else tokenizer.eos_token_id
+
+
+# The course's four entry points, one per strategy: a prompt in, its continuation (without the prompt) out.
 
 def generate_text_greedy(model, tokenizer, prompt, device, max_length=50, temperature=1.0):
     """The most likely token at every step. `temperature` is accepted so the four functions take the same
@@ -347,6 +366,8 @@ def main(argv=None) -> int:
         chat = args.chat and tokenizer.chat_template is not None
         if args.chat and not chat:
             print("note: the tokenizer has no chat template; --chat is ignored", file=sys.stderr)
+        print(fast_decoder(model).describe(len(args.prompt) * args.num_samples), file=sys.stderr)
+        apart = "\n" if chat else ""  # a chat's answer goes on a line of its own
         for strategy in strategies:
             on_choice = None
             if args.show_probs:  # the candidates table of the first steps (extras/show_probs.py)
@@ -354,7 +375,7 @@ def main(argv=None) -> int:
 
                 on_choice = show_probs(args.show_probs, tokenizer)
             print(f"=== {strategy} ===")
-            print(args.prompt[0], end="", flush=True)
+            print(args.prompt[0], end=apart, flush=True)
             stream = lambda piece: print(piece, end="", flush=True)  # noqa: E731
             texts, reason = generate(model, tokenizer, args.prompt, device, args.max_new_tokens, strategy,
                                      args.temperature, args.top_k, args.top_p, args.seed, args.num_samples, stream,
@@ -363,7 +384,7 @@ def main(argv=None) -> int:
             for i, text in enumerate(texts[1:], start=1):  # the rest of the batch, after the streamed first
                 prompt_index, sample = divmod(i, args.num_samples)
                 label = f"sample {sample + 1}" + (f" of prompt {prompt_index + 1}" if len(args.prompt) > 1 else "")
-                print(f"--- {label} ---\n{args.prompt[prompt_index]}{text}")
+                print(f"--- {label} ---\n{args.prompt[prompt_index]}{apart}{text}")
             print(f"[stopped: {reason}]\n")
     return 0
 

@@ -1,15 +1,27 @@
-"""Greedy decoding speed: our KV cache vs recomputing the prefix vs Hugging Face's generate.
+"""Greedy decoding speed: our fast decoding and KV cache vs recomputing the prefix vs Hugging Face's generate.
 
 All of them run the same random weights of llama.py's default model (max_seq_len raised so 256 new tokens
 fit), batch 1, in one process, alternating, and the median of several repetitions is reported, for each
 dtype asked for (the weights of both models in that dtype).
 
     python benchmarks/bench_generation.py [--new-tokens 256] [--repeats 5] [--dtype fp32 bf16] [--json PATH]
+
+With --hf-model DIR (a pretrained Llama folder, e.g. from tools/get_smollm2.py), that checkpoint instead:
+ours (extras/fast_decoding.py) against Hugging Face's generate, 64 new tokens, median of 3 by default; the
+machine's read bandwidth, the bytes of weights a token reads and the speed they allow; and, given a
+llama-bench binary, llama.cpp on the same weights as a peer (F32 and BF16 GGUF files, given with --gguf or
+converted from DIR with the convert_hf_to_gguf.py of a llama.cpp source folder, --llama-cpp):
+
+    python benchmarks/bench_generation.py --hf-model /tmp/smollm2 \\
+        --llama-bench LLAMA_CPP/build/bin/llama-bench --llama-cpp LLAMA_CPP --json bench.json
 """
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import llama  # noqa: E402
 import llama_generation as gen  # noqa: E402
 import trainkit  # noqa: E402
+from extras import llama_hf  # noqa: E402
+from extras.fast_decoding import FastDecoder  # noqa: E402
 from hf_reference import to_hf_llama  # noqa: E402
 from machine import describe_machine, print_header, write_json  # noqa: E402
 
@@ -46,58 +60,176 @@ def measure(args, dtype: str) -> dict:
         with trainkit.kernels.onednn(False):
             return hf_generate()
 
+    decoder = FastDecoder(model, DTYPES[dtype])
     runners = {
+        "ours, fast decoding": lambda: gen.generate_tokens(decoder, prompt, args.new_tokens, gen.pick_greedy)[0],
         "ours, KV cache": lambda: gen.generate_tokens(model, prompt, args.new_tokens, gen.pick_greedy)[0],
         "ours, recompute prefix": lambda: gen.generate_tokens(model, prompt, args.new_tokens, gen.pick_greedy,
                                                               use_cache=False)[0],
         "HF generate, cache": hf_generate,
-        # Not a baseline: Hugging Face's model on PyTorch's own matrix-vector kernels (oneDNN off), one of the
-        # decoding kernels measured below, to show what that choice alone is worth.
+        # Not a baseline: Hugging Face's model on the decoding kernels our KV cache chose (PyTorch's own
+        # matrix-vector kernels), to show how much of our lead is that choice.
         "HF generate, oneDNN off": hf_generate_onednn_off,
     }
-    outputs = {name: run() for name, run in runners.items()}  # warm-up, and the same tokens from all of them
-    same = all(torch.equal(o, outputs["HF generate, cache"]) for o in outputs.values())
-    times = {name: [] for name in runners}
-    with torch.inference_mode():
-        for _ in range(args.repeats):
-            for name, run in runners.items():
-                t0 = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - t0)
-
+    same, times = race(runners, args.repeats, "HF generate, cache")
     print(f"\n{dtype}: {model.num_params() / 1e6:.1f}M parameters (default preset), batch 1, "
           f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, median of {args.repeats}; "
           f"identical tokens: {same}")
-    hf_rate = args.new_tokens / statistics.median(times["HF generate, cache"])
-    rates = {}
-    for name, ts in times.items():
-        rate = args.new_tokens / statistics.median(ts)
-        rates[name] = {"tokens_per_s": rate, "ratio_to_hf": rate / hf_rate}
-        print(f"{name:>24}: {rate:7.1f} tokens/s   {rate / hf_rate:5.2f}x HF")
-    # The decoding kernels measured fastest here for one row (trainkit.kernels), for a decoder that uses them.
-    attention, ffn = model.layers[0].attention, model.layers[0].feed_forward
-    layer = [m.weight for m in (attention.wq, attention.wk, attention.wv, attention.wo, ffn.w1, ffn.w2, ffn.w3)]
-    kernels = trainkit.kernels.fastest_row_kernels(layer, len(model.layers), model.output.weight, 1)
-    print(kernels.describe())
+    rates = print_rates(times, args.new_tokens, "HF generate, cache")
+    print(decoder.describe())
+    kernels = decoder.kernels_for(1)  # measured once per process: what the fast decoder ran on
     return {"identical_tokens": same, "decoding": rates,
             "kernels": {"onednn": kernels.onednn, "transposed_output": kernels.transposed_output,
                         "ms_per_step": {kernels.name(k): ms for k, ms in kernels.ms_per_step.items()}}}
 
 
+def race(runners: dict, repeats: int, reference: str) -> tuple[bool, dict]:
+    """Run each once (warm-up; are all the tokens `reference`'s?), then `repeats` rounds, taking turns."""
+    outputs = {name: run() for name, run in runners.items()}
+    same = all(torch.equal(o, outputs[reference]) for o in outputs.values())
+    times = {name: [] for name in runners}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for name, run in runners.items():
+                t0 = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - t0)
+    return same, times
+
+
+def print_rates(times: dict, new_tokens: int, reference: str) -> dict:
+    """Tokens/s of each (median) and its ratio to `reference`'s."""
+    ref_rate = new_tokens / statistics.median(times[reference])
+    rates = {}
+    for name, ts in times.items():
+        rate = new_tokens / statistics.median(ts)
+        rates[name] = {"tokens_per_s": rate, "ratio_to_hf": rate / ref_rate}
+        print(f"{name:>24}: {rate:7.1f} tokens/s   {rate / ref_rate:5.2f}x HF")
+    return rates
+
+
+# ----------------------------------------------------------------------------------------------------
+# A pretrained checkpoint (--hf-model), with the memory bound and llama.cpp beside it
+
+
+def read_bandwidth(gib: int = 1, repeats: int = 5) -> float:
+    """Bytes/s the CPU reads memory at here: the best of a few sums over a float32 tensor far larger than
+    any cache. A decoding step reads every weight once, so this bounds its speed."""
+    x = torch.ones(gib * 2**28)
+    x.sum()
+    best = min(timed(x.sum) for _ in range(repeats))
+    return x.numel() * 4 / best
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def weight_bytes_per_token(model: llama.Transformer, dtype: torch.dtype) -> int:
+    """Bytes of weights a decoding step reads: every matrix once, in `dtype` (the embedding is one row,
+    unless it is also the output matrix); the norms' float32 vectors."""
+    matrices = sum(p.numel() for p in model.parameters() if p.dim() == 2)
+    if not model.params.tie_embeddings:
+        matrices -= model.tok_embeddings.weight.numel()
+    vectors = sum(p.numel() for p in model.parameters() if p.dim() == 1)
+    return matrices * dtype.itemsize + vectors * 4
+
+
+def measure_hf_model(args, dtype: str, bandwidth: float) -> dict:
+    from transformers import LlamaForCausalLM
+
+    model, _ = llama_hf.load_hf_model(args.hf_model, "cpu", args.prompt_tokens + args.new_tokens, DTYPES[dtype])
+    hf = LlamaForCausalLM.from_pretrained(args.hf_model, dtype=DTYPES[dtype]).eval()
+    decoder = FastDecoder(model, DTYPES[dtype])
+    prompt = torch.randint(0, model.params.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    runners = {
+        "ours, fast decoding": lambda: gen.generate_tokens(decoder, prompt, args.new_tokens, gen.pick_greedy)[0],
+        "HF generate": lambda: hf.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                           do_sample=False, eos_token_id=None, pad_token_id=0)[:, prompt.shape[1]:],
+    }
+    same, times = race(runners, args.repeats, "HF generate")
+    print(f"\n{dtype}: {args.hf_model}, {model.num_params() / 1e6:.1f}M parameters, batch 1, {args.prompt_tokens}-token "
+          f"prompt, {args.new_tokens} new tokens, median of {args.repeats}; identical greedy tokens: {same}")
+    rates = print_rates(times, args.new_tokens, "HF generate")
+    print(decoder.describe())
+    per_token = weight_bytes_per_token(model, DTYPES[dtype])
+    bound = bandwidth / per_token
+    print(f"{per_token / 1e6:.0f} MB of weights per token: at most {bound:.1f} tokens/s at {bandwidth / 1e9:.1f} GB/s; "
+          + ", ".join(f"{name} {r['tokens_per_s'] / bound:.0%}" for name, r in rates.items()) + " of it")
+    return {"identical_tokens": same, "decoding": rates, "weight_bytes_per_token": per_token,
+            "bound_tokens_per_s": bound, "kernels": decoder.kernels_for(1).describe()}
+
+
+GGUF_TYPES = {"fp32": "f32", "bf16": "bf16"}
+
+
+def gguf_files(args, tmp: Path) -> dict[str, Path]:
+    """dtype -> GGUF file: the ones given with --gguf, else DIR converted by llama.cpp's own script."""
+    if args.gguf:
+        return dict(zip(args.dtype, map(Path, args.gguf)))
+    if not args.llama_cpp:
+        return {}
+    files = {}
+    for dtype in args.dtype:
+        files[dtype] = tmp / f"model-{GGUF_TYPES[dtype]}.gguf"
+        subprocess.run([sys.executable, str(Path(args.llama_cpp) / "convert_hf_to_gguf.py"), args.hf_model,
+                        "--outtype", GGUF_TYPES[dtype], "--outfile", str(files[dtype])],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return files
+
+
+def llama_bench(binary: str, gguf: Path, new_tokens: int, threads: int) -> float:
+    """Tokens/s of llama.cpp generating new_tokens tokens after an empty prompt (`-p 0 -n N`), its mean."""
+    out = subprocess.run([binary, "-m", str(gguf), "-p", "0", "-n", str(new_tokens), "-t", str(threads),
+                          "-o", "json"], check=True, capture_output=True, text=True).stdout
+    return float(json.loads(out)[0]["avg_ts"])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, help="default 256, with --hf-model 64")
     p.add_argument("--prompt-tokens", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, help="default 5, with --hf-model 3")
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES), help="both models' weights")
     p.add_argument("--json", metavar="PATH", help="also write the figures and the machine header to PATH")
+    p.add_argument("--hf-model", metavar="DIR", help="a pretrained Llama folder to decode instead of random weights")
+    p.add_argument("--llama-bench", metavar="PATH", help="with --hf-model: llama.cpp's llama-bench, run as a peer")
+    p.add_argument("--gguf", nargs="+", metavar="FILE", help="GGUF files of the model, one per --dtype, in order")
+    p.add_argument("--llama-cpp", metavar="DIR", help="a llama.cpp source folder: its convert_hf_to_gguf.py "
+                   "makes the GGUF files (needs gguf and sentencepiece: requirements-extras.txt)")
     args = p.parse_args(argv)
+    real = args.hf_model is not None
+    args.new_tokens = args.new_tokens or (64 if real else 256)
+    args.repeats = args.repeats or (3 if real else 5)
+    if args.gguf and len(args.gguf) != len(args.dtype):
+        p.error(f"--gguf needs one file per --dtype ({' '.join(args.dtype)})")
     machine = describe_machine("cpu")
     print_header(machine)
-    results = {"setup": {"model": "llama.py default preset", "batch_size": 1, "prompt_tokens": args.prompt_tokens,
-                         "new_tokens": args.new_tokens, "repeats": args.repeats}}
+    results = {"setup": {"model": args.hf_model or "llama.py default preset", "batch_size": 1,
+                         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                         "repeats": args.repeats}}
+    if not real:
+        for dtype in args.dtype:
+            results[dtype] = measure(args, dtype)
+        write_json(args.json, machine, results)
+        return
+    bandwidth = read_bandwidth()
+    print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s (sum over a 1 GiB tensor, best of 5)")
+    results["read_bandwidth_gb_s"] = bandwidth / 1e9
     for dtype in args.dtype:
-        results[dtype] = measure(args, dtype)
+        results[dtype] = measure_hf_model(args, dtype, bandwidth)
+    if args.llama_bench:
+        with tempfile.TemporaryDirectory() as tmp:
+            for dtype, gguf in gguf_files(args, Path(tmp)).items():
+                rate = llama_bench(args.llama_bench, gguf, args.new_tokens, torch.get_num_threads())
+                ours = results[dtype]["decoding"]["ours, fast decoding"]["tokens_per_s"]
+                bound = results[dtype]["bound_tokens_per_s"]
+                print(f"llama.cpp {GGUF_TYPES[dtype].upper()}: {rate:.1f} tokens/s ({rate / bound:.0%} of the bound); "
+                      f"ours {ours / rate:.2f}x llama.cpp  [llama-bench -p 0 -n {args.new_tokens} "
+                      f"-t {torch.get_num_threads()}]")
+                results[dtype]["llama_cpp_tokens_per_s"] = rate
     write_json(args.json, machine, results)
 
 
