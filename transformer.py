@@ -328,59 +328,22 @@ def cache_split(ds, image_col: str, label_col: str, size: int, desc: str) -> Ima
     return ImageCache(torch.stack(images), torch.tensor(labels, dtype=torch.long), skipped)
 
 
-def find_columns(features) -> tuple[str, str]:
-    """The image column (an Image feature) and the label column (a ClassLabel) of a Hugging Face dataset."""
-    from datasets import ClassLabel, Image as ImageFeature
-
-    image_cols = [k for k, f in features.items() if isinstance(f, ImageFeature)]
-    label_cols = [k for k, f in features.items() if isinstance(f, ClassLabel)]
-    if not image_cols or not label_cols:
-        raise UserError(f"dataset has no image column with a class-label column (features: {list(features)}); "
-                        f"expected an image-classification dataset")
-    prefer = [c for c in label_cols if c in ("label", "labels")]
-    return image_cols[0], (prefer or label_cols)[0]
-
-
 def load_splits(data_dir: str | None, dataset: str, val_fraction: float = 0.1, seed: int = 0,
                 max_train_samples: int = 0):
     """(train split, validation split, image column, label column, class names) as Hugging Face datasets, from
-    a local folder (data_dir) or else from the Hub (dataset)."""
-    try:
+    a local folder with train/ and validation/ class subfolders (data_dir), or else from the Hub (dataset)."""
+    from extras import vit_data  # a folder's usual mistakes, a missing package or an unreachable Hub: one line
+
+    with vit_data.loading_errors(data_dir, dataset):
         from datasets import load_dataset
-    except ImportError as e:
-        raise UserError(f"the `datasets` package is needed ({e}); pip install datasets") from None
 
-    if data_dir:
-        from extras import vit_commands
-
-        data_dir = Path(data_dir)
-        vit_commands.check_image_folder(data_dir)  # one clear line for the usual mistakes
-        source = f"--data-dir {data_dir}"
-        try:
-            splits = load_dataset("imagefolder", data_dir=str(data_dir))
-        except Exception as e:  # datasets raises many types; the user only needs the first line
-            raise UserError(f"{source}: could not be loaded as an image folder: {str(e).splitlines()[0]}") from None
-    else:
-        source = f"dataset {dataset!r}"
-        try:
-            import huggingface_hub
-
-            huggingface_hub.utils.logging.set_verbosity_error()  # one error line below, not a page of retries
-            splits = load_dataset(dataset)
-        except Exception as e:
-            first = (str(e).splitlines() or [type(e).__name__])[0]
-            raise UserError(f"could not load {source} from the Hugging Face Hub ({type(e).__name__}: {first}); "
-                            f"offline? use --data-dir DIR with train/ and validation/ class subfolders") from None
-    if "train" not in splits:
-        raise UserError(f"{source} has no 'train' split (splits: {list(splits)})")
-    image_col, label_col = find_columns(splits["train"].features)
-    class_names = list(splits["train"].features[label_col].names)
+        splits = load_dataset("imagefolder", data_dir=str(data_dir)) if data_dir else load_dataset(dataset)
+    image_col, label_col, class_names = vit_data.find_columns(splits, data_dir, dataset)
     val_name = next((s for s in ("validation", "valid", "val", "test") if s in splits), None)
     if val_name is not None:
         train, val = splits["train"], splits[val_name]
     else:  # one split only (microsoft/cats_vs_dogs): carve a seeded validation set with the same class balance
-        parts = splits["train"].train_test_split(test_size=val_fraction, seed=seed,
-                                                 stratify_by_column=label_col)
+        parts = splits["train"].train_test_split(test_size=val_fraction, seed=seed, stratify_by_column=label_col)
         train, val = parts["train"], parts["test"]
     if max_train_samples and len(train) > max_train_samples:
         train = train.shuffle(seed=seed).select(range(max_train_samples))

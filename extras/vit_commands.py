@@ -1,6 +1,5 @@
 """transformer.py's command line and the commands beside training: --predict, --eval-only, the report a run
-ends with (metrics.json, the printed summary and confusion matrix, the pictures of predictions and attention),
-and the checks of a --data-dir folder.
+ends with (metrics.json, the printed summary and confusion matrix, the pictures of predictions and attention).
 
     python transformer.py --predict cat.jpg dog.jpg
     python transformer.py --eval-only --checkpoint runs/vit/vit_cats_vs_dogs.pth --data-dir DIR
@@ -124,30 +123,6 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, model
         model_config(args)  # ViTConfig checks the model's shape
     except ValueError as e:
         parser.error(f"invalid model config: {e}")
-
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-def check_image_folder(data_dir: Path) -> None:
-    """--data-dir: clear errors for the usual mistakes before `datasets` sees the folder."""
-    if not data_dir.exists():
-        raise UserError(f"--data-dir {data_dir}: no such folder")
-    if not data_dir.is_dir():
-        raise UserError(f"--data-dir {data_dir}: not a folder")
-    train = data_dir / "train"
-    if not train.is_dir():
-        raise UserError(f"--data-dir {data_dir}: expected a train/ folder with one subfolder per class "
-                        f"(train/cats/*.jpg, train/dogs/*.jpg, ...)")
-    classes = [d.name for d in sorted(train.iterdir())
-               if d.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in d.iterdir())]
-    if not classes:
-        raise UserError(f"--data-dir {data_dir}: train/ has no class subfolders with images "
-                        f"(expected train/<class name>/<image files>)")
-    if len(classes) < 2:
-        raise UserError(f"--data-dir {data_dir}: train/ has only one class ({classes[0]}); "
-                        f"a classifier needs at least two")
-
 
 
 def load_checkpoint(path: Path, device: torch.device) -> tuple[transformer.VisionTransformer, list[str]]:

@@ -1,0 +1,78 @@
+"""The checks and one-line errors around transformer.py's data loading: a --data-dir folder's usual mistakes, a
+missing `datasets` package, an unreachable Hub, and a dataset without an image column and a class-label column.
+transformer.load_splits calls these; the lesson reads the loading itself."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from trainkit import UserError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def check_image_folder(data_dir: Path) -> None:
+    """--data-dir: clear errors for the usual mistakes before `datasets` sees the folder."""
+    if not data_dir.exists():
+        raise UserError(f"--data-dir {data_dir}: no such folder")
+    if not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir}: not a folder")
+    train = data_dir / "train"
+    if not train.is_dir():
+        raise UserError(f"--data-dir {data_dir}: expected a train/ folder with one subfolder per class "
+                        f"(train/cats/*.jpg, train/dogs/*.jpg, ...)")
+    classes = [d.name for d in sorted(train.iterdir())
+               if d.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in d.iterdir())]
+    if not classes:
+        raise UserError(f"--data-dir {data_dir}: train/ has no class subfolders with images "
+                        f"(expected train/<class name>/<image files>)")
+    if len(classes) < 2:
+        raise UserError(f"--data-dir {data_dir}: train/ has only one class ({classes[0]}); "
+                        f"a classifier needs at least two")
+
+
+def source_name(data_dir: str | None, dataset: str) -> str:
+    return f"--data-dir {data_dir}" if data_dir else f"dataset {dataset!r}"
+
+
+@contextlib.contextmanager
+def loading_errors(data_dir: str | None, dataset: str):
+    """Around `datasets.load_dataset`: a folder is checked first, and what goes wrong becomes one line (UserError)
+    instead of a traceback or a page of the Hub's retries."""
+    if data_dir:
+        check_image_folder(Path(data_dir))
+    else:
+        with contextlib.suppress(ImportError):
+            import huggingface_hub
+
+            huggingface_hub.utils.logging.set_verbosity_error()
+    try:
+        yield
+    except ImportError as e:
+        raise UserError(f"the `datasets` package is needed ({e}); pip install datasets") from None
+    except Exception as e:  # datasets raises many types; the user only needs the first line
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        if data_dir:
+            raise UserError(f"{source_name(data_dir, dataset)}: could not be loaded as an image folder: "
+                            f"{first}") from None
+        raise UserError(f"could not load {source_name(data_dir, dataset)} from the Hugging Face Hub "
+                        f"({type(e).__name__}: {first}); offline? use --data-dir DIR with train/ and validation/ "
+                        f"class subfolders") from None
+
+
+def find_columns(splits, data_dir: str | None, dataset: str) -> tuple[str, str, list[str]]:
+    """(image column, label column, class names) of a Hugging Face image-classification dataset: the image
+    column is an Image feature, the label column a ClassLabel ('label' or 'labels' preferred)."""
+    from datasets import ClassLabel, Image as ImageFeature
+
+    if "train" not in splits:
+        raise UserError(f"{source_name(data_dir, dataset)} has no 'train' split (splits: {list(splits)})")
+    features = splits["train"].features
+    image_cols = [k for k, f in features.items() if isinstance(f, ImageFeature)]
+    label_cols = [k for k, f in features.items() if isinstance(f, ClassLabel)]
+    if not image_cols or not label_cols:
+        raise UserError(f"dataset has no image column with a class-label column (features: {list(features)}); "
+                        f"expected an image-classification dataset")
+    label_col = ([c for c in label_cols if c in ("label", "labels")] or label_cols)[0]
+    return image_cols[0], label_col, list(features[label_col].names)
