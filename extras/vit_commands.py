@@ -16,6 +16,7 @@ import torch
 
 import trainkit
 import transformer
+from extras import vit_run
 from trainkit import Precision, UserError
 
 
@@ -143,7 +144,7 @@ def predict(args: argparse.Namespace) -> int:
     from extras import vit_attention
 
     device = trainkit.pick_device(args.device)
-    checkpoint = transformer.checkpoint_path(args.output_dir, args.checkpoint)
+    checkpoint = vit_run.checkpoint_path(args.output_dir, args.checkpoint)
     model, class_names = load_checkpoint(checkpoint, device)
     shown, titles = [], []
     for path in args.predict:
@@ -168,7 +169,7 @@ def predict(args: argparse.Namespace) -> int:
 def eval_only(args: argparse.Namespace) -> int:
     """--eval-only: the checkpoint's accuracy and confusion matrix on the validation split."""
     device = trainkit.pick_device(args.device)
-    model, class_names = load_checkpoint(transformer.checkpoint_path(args.output_dir, args.checkpoint), device)
+    model, class_names = load_checkpoint(vit_run.checkpoint_path(args.output_dir, args.checkpoint), device)
     _, val_ds, image_col, label_col, data_classes = transformer.load_splits(
         args.data_dir, args.dataset, args.val_fraction, args.seed, args.max_train_samples)
     if data_classes != class_names:
@@ -182,7 +183,7 @@ def eval_only(args: argparse.Namespace) -> int:
     return 0
 
 
-def report_training(model: transformer.VisionTransformer, data: transformer.Data, run: transformer.Progress,
+def report_training(model: transformer.VisionTransformer, data: transformer.Data, run: vit_run.Run,
                     final: dict, s: transformer.TrainConfig, device: torch.device, precision: Precision,
                     interrupted: bool, wall_seconds: float) -> dict:
     """The end of a training run on rank 0: metrics.json, the printed report, the prediction grid, the curves
@@ -208,8 +209,8 @@ def report_training(model: transformer.VisionTransformer, data: transformer.Data
     print_report(metrics, data.class_names)
     grid = trainkit.pictures.plot_prediction_grid(out_dir / "vit_predictions.png", data.val.images, data.val.labels,
                                                   final["predictions"], data.class_names, seed=s.seed)
-    print(f"saved {transformer.checkpoint_path(s.output_dir, s.checkpoint)}, {metrics_path}, {grid}")
-    curves = transformer.draw_curves(s, model, device, precision, run.history) if run.history else None
+    print(f"saved {vit_run.checkpoint_path(s.output_dir, s.checkpoint)}, {metrics_path}, {grid}")
+    curves = vit_run.draw_curves(s, model, device, precision, run.history) if run.history else None
     idx = torch.randperm(len(data.val), generator=torch.Generator().manual_seed(s.seed))
     idx = idx[:vit_attention.ATTENTION_IMAGES]
     titles = [f"{data.class_names[int(final['predictions'][i])]} ({data.class_names[int(data.val.labels[i])]})"

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import trainkit
 import transformer
+from extras import vit_run
 from trainkit import Precision, UserError
 from transformer import ViTConfig, VisionTransformer
 
@@ -177,7 +178,7 @@ def run_finetune_head(args: argparse.Namespace, model: VisionTransformer) -> dic
 
     transformer.seed_everything(args.seed)
     device = trainkit.pick_device(args.device)
-    ckpt_path = transformer.checkpoint_path(args.output_dir, args.checkpoint)
+    ckpt_path = vit_run.checkpoint_path(args.output_dir, args.checkpoint)
     t_start = time.perf_counter()
     train_ds, val_ds, image_col, label_col, class_names = transformer.load_splits(
         args.data_dir, args.dataset, args.val_fraction, args.seed, args.max_train_samples)
@@ -203,7 +204,7 @@ def run_finetune_head(args: argparse.Namespace, model: VisionTransformer) -> dic
         preds = head(val_features).argmax(-1)
     cm = transformer.confusion_matrix(val_cache.labels, preds, len(class_names))
     val_acc = (preds == val_cache.labels).float().mean().item()
-    transformer.save_checkpoint(ckpt_path, model, class_names, {"pretrained": args.pretrained, "finetune": "head",
+    vit_run.save_checkpoint(ckpt_path, model, class_names, {"pretrained": args.pretrained, "finetune": "head",
                                                                 "val_accuracy": val_acc})
     metrics = {
         "pretrained": args.pretrained, "finetune": "head", "final_train_loss": train_loss,
