@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import trainkit
-from trainkit import Precision, UserError
+from trainkit import Precision
 
 # --------------------------------------------------------------------------------------------------------------
 # Config
@@ -59,27 +59,15 @@ class ViTConfig:
     stem_channels: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "patch_size", "dim", "depth", "n_heads", "mlp_dim", "num_classes",
-                     "in_channels"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ViTConfig.{name} must be a positive integer, got {value!r}")
-        if self.num_classes < 2:
-            raise ValueError(f"ViTConfig.num_classes must be at least 2, got {self.num_classes}")
+        from extras import vit_commands  # positive sizes, at least two classes, dropouts in [0, 1): one clear line
+
+        vit_commands.check_config_values(self)
+        self.stem_channels = tuple(self.stem_channels)  # a checkpoint's or metrics.json's config holds a list
         if self.image_size % self.patch_size != 0:
             raise ValueError(f"ViTConfig: image_size {self.image_size} is not divisible by patch_size "
                              f"{self.patch_size}")
         if self.dim % self.n_heads != 0:
             raise ValueError(f"ViTConfig: dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        for name in ("dropout", "attention_dropout"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"ViTConfig.{name} must be in [0, 1), got {value!r}")
-        if not isinstance(self.stem_channels, (tuple, list)) or not all(
-                isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in self.stem_channels):
-            raise ValueError(f"ViTConfig.stem_channels must be a tuple of positive integers, got "
-                             f"{self.stem_channels!r}")
-        self.stem_channels = tuple(self.stem_channels)  # a checkpoint's or metrics.json's config holds a list
         if self.stem_channels and 2 ** len(self.stem_channels) != self.patch_size:
             raise ValueError(f"ViTConfig: stem_channels {self.stem_channels} halves the image "
                              f"{len(self.stem_channels)} times, to patches of {2 ** len(self.stem_channels)} "
@@ -306,27 +294,6 @@ def decode_image(source: object, size: int):
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
 
 
-def cache_split(ds, image_col: str, label_col: str, size: int, desc: str) -> ImageCache:
-    """Decodes every image of a Hugging Face split once; unreadable files are skipped and counted."""
-    from datasets import Image as ImageFeature
-    from tqdm.auto import tqdm
-
-    ds = ds.cast_column(image_col, ImageFeature(decode=False))  # we decode ourselves, so bad files can't crash
-    images, labels, skipped = [], [], 0
-    for row in tqdm(ds, desc=f"decoding {desc}", unit="img", leave=False, mininterval=1.0,
-                    disable=not sys.stderr.isatty()):
-        item = row[image_col]
-        try:
-            source = item["bytes"] if item.get("bytes") else item["path"]
-            images.append(decode_image(source, size))
-            labels.append(int(row[label_col]))
-        except (OSError, ValueError, SyntaxError, TypeError, KeyError, AttributeError):
-            skipped += 1  # corrupt, truncated or not an image at all
-    if not images:
-        raise UserError(f"no readable images in the {desc} split ({skipped} files could not be decoded)")
-    return ImageCache(torch.stack(images), torch.tensor(labels, dtype=torch.long), skipped)
-
-
 def load_splits(data_dir: str | None, dataset: str, val_fraction: float = 0.1, seed: int = 0,
                 max_train_samples: int = 0):
     """(train split, validation split, image column, label column, class names) as Hugging Face datasets, from
@@ -524,13 +491,15 @@ class Data:
 
 def load_data(s: TrainConfig, image_size: int) -> Data:
     """Both splits decoded once; training images at image_size * cache_scale, for the random crops."""
+    from extras import vit_data  # decodes a split with decode_image, skipping (and counting) unreadable files
+
     t0 = time.perf_counter()
     with trainkit.main_first():  # under torchrun: one process fills the datasets cache, the others read it
         train_ds, val_ds, image_col, label_col, class_names = load_splits(
             s.data_dir, s.dataset, s.val_fraction, s.seed, s.max_train_samples)
     cache_size = max(image_size, round(image_size * s.cache_scale))
-    data = Data(cache_split(train_ds, image_col, label_col, cache_size, "train"),
-                cache_split(val_ds, image_col, label_col, image_size, "validation"), class_names)
+    data = Data(vit_data.cache_split(train_ds, image_col, label_col, cache_size, "train"),
+                vit_data.cache_split(val_ds, image_col, label_col, image_size, "validation"), class_names)
     data.seconds = time.perf_counter() - t0
     print(f"data: {len(data.train)} train / {len(data.val)} validation images, classes {class_names}, "
           f"{data.train.skipped + data.val.skipped} unreadable files skipped, decoded in {data.seconds:.1f}s")
@@ -670,21 +639,10 @@ PRESETS: dict[str, dict] = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags, the preset's values where a flag was left out, and checks that end in one line."""
-    from extras import vit_commands  # the long argparse parser, with each flag's help
+    """The flags, each one left out taking its preset's value (PRESETS); a value no run can use ends in one line."""
+    from extras import vit_commands  # the argparse parser with each flag's help, and the checks
 
-    parser = vit_commands.build_parser()
-    args = parser.parse_args(argv)
-    if args.weights and not args.pretrained:
-        parser.error("--weights needs --pretrained NAME (the architecture the weights are for)")
-    if args.pretrained:
-        from extras import vit_pretrained
-
-        trainkit.fill_preset(args, vit_pretrained.FINETUNE_DEFAULTS[args.finetune])
-    args.preset = args.preset or ("finetune" if args.pretrained else "default")
-    trainkit.fill_preset(args, PRESETS[args.preset])
-    vit_commands.check_flags(parser, args, model_config)
-    return args
+    return vit_commands.parse_args(argv)
 
 
 def model_config(args: argparse.Namespace) -> ViTConfig:

@@ -16,7 +16,7 @@ import torch
 
 import trainkit
 import transformer
-from extras import vit_run
+from extras import vit_data, vit_run
 from trainkit import Precision, UserError
 
 
@@ -94,6 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """transformer.parse_args: the flags, the preset's values where a flag was left out (--pretrained: the
+    --finetune defaults first), and checks that end in one line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.weights and not args.pretrained:
+        parser.error("--weights needs --pretrained NAME (the architecture the weights are for)")
+    if args.pretrained:
+        from extras import vit_pretrained
+
+        trainkit.fill_preset(args, vit_pretrained.FINETUNE_DEFAULTS[args.finetune])
+    args.preset = args.preset or ("finetune" if args.pretrained else "default")
+    trainkit.fill_preset(args, transformer.PRESETS[args.preset])
+    check_flags(parser, args)
+    return args
+
+
 def stem_channels(text: str) -> tuple[int, ...]:
     """--stem-channels: "24,48,96" -> (24, 48, 96); "none" or "" -> () (no stem)."""
     if text.strip().lower() in ("", "none"):
@@ -105,7 +122,7 @@ def stem_channels(text: str) -> tuple[int, ...]:
                                          f"'none', got {text!r}") from None
 
 
-def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, model_config) -> None:
+def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Values no run can use end in one line (argparse's error, exit status 2) before anything is loaded."""
     checks = [(args.epochs >= 1, "--epochs must be at least 1"),
               (args.batch_size >= 1, "--batch-size must be at least 1"),
@@ -121,9 +138,26 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, model
         if not ok:
             parser.error(message)
     try:
-        model_config(args)  # ViTConfig checks the model's shape
+        transformer.model_config(args)  # ViTConfig checks the model's shape
     except ValueError as e:
         parser.error(f"invalid model config: {e}")
+
+
+def check_config_values(c: transformer.ViTConfig) -> None:
+    """ViTConfig's values, each in its range (ValueError, one line); ViTConfig itself checks that they fit together."""
+    for name in ("image_size", "patch_size", "dim", "depth", "n_heads", "mlp_dim", "num_classes", "in_channels"):
+        value = getattr(c, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"ViTConfig.{name} must be a positive integer, got {value!r}")
+    if c.num_classes < 2:
+        raise ValueError(f"ViTConfig.num_classes must be at least 2, got {c.num_classes}")
+    for name in ("dropout", "attention_dropout"):
+        value = getattr(c, name)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"ViTConfig.{name} must be in [0, 1), got {value!r}")
+    if not isinstance(c.stem_channels, (tuple, list)) or not all(
+            isinstance(ch, int) and not isinstance(ch, bool) and ch >= 1 for ch in c.stem_channels):
+        raise ValueError(f"ViTConfig.stem_channels must be a tuple of positive integers, got {c.stem_channels!r}")
 
 
 def load_checkpoint(path: Path, device: torch.device) -> tuple[transformer.VisionTransformer, list[str]]:
@@ -174,7 +208,7 @@ def eval_only(args: argparse.Namespace) -> int:
         args.data_dir, args.dataset, args.val_fraction, args.seed, args.max_train_samples)
     if data_classes != class_names:
         raise UserError(f"checkpoint classes {class_names} differ from the data's classes {data_classes}")
-    cache = transformer.cache_split(val_ds, image_col, label_col, model.config.image_size, "validation")
+    cache = vit_data.cache_split(val_ds, image_col, label_col, model.config.image_size, "validation")
     precision = transformer.pick_precision(args.precision, device, model.config, args.batch_size)
     result = transformer.evaluate(model, cache, class_names, device, precision, tta=args.tta)
     print(f"validation accuracy {result['accuracy']:.4f} on {len(cache)} images ({cache.skipped} unreadable skipped)")

@@ -1,12 +1,17 @@
 """The checks and one-line errors around transformer.py's data loading: a --data-dir folder's usual mistakes, a
-missing `datasets` package, an unreachable Hub, and a dataset without an image column and a class-label column.
-transformer.load_splits calls these; the lesson reads the loading itself."""
+missing `datasets` package, an unreachable Hub, a dataset without an image column and a class-label column; and
+the decoding of a whole split into an ImageCache that skips (and counts) the unreadable files. The lesson's
+load_splits and load_data call these."""
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 
+import torch
+
+import transformer
 from trainkit import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -76,3 +81,24 @@ def find_columns(splits, data_dir: str | None, dataset: str) -> tuple[str, str, 
                         f"expected an image-classification dataset")
     label_col = ([c for c in label_cols if c in ("label", "labels")] or label_cols)[0]
     return image_cols[0], label_col, list(features[label_col].names)
+
+
+def cache_split(ds, image_col: str, label_col: str, size: int, desc: str) -> transformer.ImageCache:
+    """Decodes every image of a Hugging Face split once; unreadable files are skipped and counted."""
+    from datasets import Image as ImageFeature
+    from tqdm.auto import tqdm
+
+    ds = ds.cast_column(image_col, ImageFeature(decode=False))  # we decode ourselves, so bad files can't crash
+    images, labels, skipped = [], [], 0
+    for row in tqdm(ds, desc=f"decoding {desc}", unit="img", leave=False, mininterval=1.0,
+                    disable=not sys.stderr.isatty()):
+        item = row[image_col]
+        try:
+            source = item["bytes"] if item.get("bytes") else item["path"]
+            images.append(transformer.decode_image(source, size))
+            labels.append(int(row[label_col]))
+        except (OSError, ValueError, SyntaxError, TypeError, KeyError, AttributeError):
+            skipped += 1  # corrupt, truncated or not an image at all
+    if not images:
+        raise UserError(f"no readable images in the {desc} split ({skipped} files could not be decoded)")
+    return transformer.ImageCache(torch.stack(images), torch.tensor(labels, dtype=torch.long), skipped)

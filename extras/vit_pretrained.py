@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import trainkit
 import transformer
-from extras import vit_run
+from extras import vit_data, vit_run
 from trainkit import Precision, UserError
 from transformer import ViTConfig, VisionTransformer
 
@@ -184,8 +184,8 @@ def run_finetune_head(args: argparse.Namespace, model: VisionTransformer) -> dic
         args.data_dir, args.dataset, args.val_fraction, args.seed, args.max_train_samples)
     model = with_new_head(model, len(class_names)).to(device).eval()
     size = model.config.image_size
-    train_cache = transformer.cache_split(train_ds, image_col, label_col, size, "train")
-    val_cache = transformer.cache_split(val_ds, image_col, label_col, size, "validation")
+    train_cache = vit_data.cache_split(train_ds, image_col, label_col, size, "train")
+    val_cache = vit_data.cache_split(val_ds, image_col, label_col, size, "validation")
     precision = transformer.pick_precision(args.precision, device, model.config, args.batch_size)
     print(f"model: {args.pretrained}, {model.num_params():,} parameters, {size}x{size} images; "
           f"encoding {len(train_cache)} train and {len(val_cache)} validation images once")
