@@ -12,8 +12,9 @@ data (decoded once into an in-memory uint8 cache, augmented on tensors), trainin
 line. The architecture is the one of "An Image is Worth 16x16 Words" (Dosovitskiy et al., 2020) and of
 torchvision's `VisionTransformer`, whose weights map onto ours one tensor to one tensor
 (extras/vit_pretrained.py: `from_torchvision_state_dict`). The plumbing no lesson teaches (precision, torchrun,
-stopping and resuming, pictures) is in trainkit/; the flags' parser, --predict, --eval-only, --pretrained and the
-attention maps are in extras/.
+stopping and resuming, pictures) is in trainkit/. The tool around the lesson is in extras/: the flags' parser and
+checks, --predict and --eval-only (vit_commands.py), the data's checks and one-line errors (vit_data.py), a run's
+checkpoints, --resume and curves (vit_run.py), --pretrained and the attention maps.
 """
 
 from __future__ import annotations
