@@ -538,7 +538,7 @@ def train_epoch(step: trainkit.TrainStep, forward, loader, mix: Mixing, run, s: 
                 budget: trainkit.Budget, device: torch.device) -> None:
     """One epoch (the rest of it, when resumed): schedule, forward, loss, backward, clip and step, batch after
     batch. Ends early when the budget says the run must stop (a signal, the time budget or the last step)."""
-    with run.progress_bar(loader) as bar:
+    with run.progress_bar(loader) as bar:  # the running loss and accuracy; it also times the epoch
         for images, labels in bar:
             lr = learning_rate(budget.progress(run.step), s.lr, s.warmup)
             x, y = normalize(images.to(device)), labels.to(device)
@@ -555,7 +555,7 @@ def train_epoch(step: trainkit.TrainStep, forward, loader, mix: Mixing, run, s: 
 
 
 def train(config: ViTConfig, s: TrainConfig, pretrained: VisionTransformer | None = None) -> dict:
-    """Trains, validates after each eval_every epochs, keeps the best checkpoint and reports; returns the metrics
+    """Trains, validates every eval_every epochs, keeps the best checkpoint and reports; returns the metrics
     on rank 0 ({"signal": n} when SIGINT or SIGTERM stopped the run, saved for --resume). pretrained: start from
     this model (--pretrained, extras/vit_pretrained.py) with a new head for the data's classes."""
     from extras import vit_run  # the run's bookkeeping: progress bar, checkpoints, --resume, curves, the report
