@@ -12,8 +12,9 @@ data (decoded once into an in-memory uint8 cache, augmented on tensors), trainin
 line. The architecture is the one of "An Image is Worth 16x16 Words" (Dosovitskiy et al., 2020) and of
 torchvision's `VisionTransformer`, whose weights map onto ours one tensor to one tensor
 (extras/vit_pretrained.py: `from_torchvision_state_dict`). The plumbing no lesson teaches (precision, torchrun,
-stopping and resuming, pictures) is in trainkit/; the flags' parser, --predict, --eval-only, --pretrained and the
-attention maps are in extras/.
+stopping and resuming, pictures) is in trainkit/. The tool around the lesson is in extras/: the flags' parser and
+checks, --predict and --eval-only (vit_commands.py), the data's checks and one-line errors (vit_data.py), a run's
+checkpoints, --resume and curves (vit_run.py), --pretrained and the attention maps.
 """
 
 from __future__ import annotations
@@ -26,15 +27,14 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import trainkit
-from trainkit import Precision, UserError
+from trainkit import Precision
 
 # --------------------------------------------------------------------------------------------------------------
 # Config
@@ -60,27 +60,15 @@ class ViTConfig:
     stem_channels: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "patch_size", "dim", "depth", "n_heads", "mlp_dim", "num_classes",
-                     "in_channels"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ViTConfig.{name} must be a positive integer, got {value!r}")
-        if self.num_classes < 2:
-            raise ValueError(f"ViTConfig.num_classes must be at least 2, got {self.num_classes}")
+        from extras import vit_commands  # positive sizes, at least two classes, dropouts in [0, 1): one clear line
+
+        vit_commands.check_config_values(self)
+        self.stem_channels = tuple(self.stem_channels)  # a checkpoint's or metrics.json's config holds a list
         if self.image_size % self.patch_size != 0:
             raise ValueError(f"ViTConfig: image_size {self.image_size} is not divisible by patch_size "
                              f"{self.patch_size}")
         if self.dim % self.n_heads != 0:
             raise ValueError(f"ViTConfig: dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        for name in ("dropout", "attention_dropout"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"ViTConfig.{name} must be in [0, 1), got {value!r}")
-        if not isinstance(self.stem_channels, (tuple, list)) or not all(
-                isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in self.stem_channels):
-            raise ValueError(f"ViTConfig.stem_channels must be a tuple of positive integers, got "
-                             f"{self.stem_channels!r}")
-        self.stem_channels = tuple(self.stem_channels)  # a checkpoint's or metrics.json's config holds a list
         if self.stem_channels and 2 ** len(self.stem_channels) != self.patch_size:
             raise ValueError(f"ViTConfig: stem_channels {self.stem_channels} halves the image "
                              f"{len(self.stem_channels)} times, to patches of {2 ** len(self.stem_channels)} "
@@ -307,80 +295,22 @@ def decode_image(source: object, size: int):
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
 
 
-def cache_split(ds, image_col: str, label_col: str, size: int, desc: str) -> ImageCache:
-    """Decodes every image of a Hugging Face split once; unreadable files are skipped and counted."""
-    from datasets import Image as ImageFeature
-    from tqdm.auto import tqdm
-
-    ds = ds.cast_column(image_col, ImageFeature(decode=False))  # we decode ourselves, so bad files can't crash
-    images, labels, skipped = [], [], 0
-    for row in tqdm(ds, desc=f"decoding {desc}", unit="img", leave=False, mininterval=1.0,
-                    disable=not sys.stderr.isatty()):
-        item = row[image_col]
-        try:
-            source = item["bytes"] if item.get("bytes") else item["path"]
-            images.append(decode_image(source, size))
-            labels.append(int(row[label_col]))
-        except (OSError, ValueError, SyntaxError, TypeError, KeyError, AttributeError):
-            skipped += 1  # corrupt, truncated or not an image at all
-    if not images:
-        raise UserError(f"no readable images in the {desc} split ({skipped} files could not be decoded)")
-    return ImageCache(torch.stack(images), torch.tensor(labels, dtype=torch.long), skipped)
-
-
-def find_columns(features) -> tuple[str, str]:
-    """The image column (an Image feature) and the label column (a ClassLabel) of a Hugging Face dataset."""
-    from datasets import ClassLabel, Image as ImageFeature
-
-    image_cols = [k for k, f in features.items() if isinstance(f, ImageFeature)]
-    label_cols = [k for k, f in features.items() if isinstance(f, ClassLabel)]
-    if not image_cols or not label_cols:
-        raise UserError(f"dataset has no image column with a class-label column (features: {list(features)}); "
-                        f"expected an image-classification dataset")
-    prefer = [c for c in label_cols if c in ("label", "labels")]
-    return image_cols[0], (prefer or label_cols)[0]
-
-
 def load_splits(data_dir: str | None, dataset: str, val_fraction: float = 0.1, seed: int = 0,
                 max_train_samples: int = 0):
     """(train split, validation split, image column, label column, class names) as Hugging Face datasets, from
-    a local folder (data_dir) or else from the Hub (dataset)."""
-    try:
+    a local folder with train/ and validation/ class subfolders (data_dir), or else from the Hub (dataset)."""
+    from extras import vit_data  # a folder's usual mistakes, a missing package or an unreachable Hub: one line
+
+    with vit_data.loading_errors(data_dir, dataset):
         from datasets import load_dataset
-    except ImportError as e:
-        raise UserError(f"the `datasets` package is needed ({e}); pip install datasets") from None
 
-    if data_dir:
-        from extras import vit_commands
-
-        data_dir = Path(data_dir)
-        vit_commands.check_image_folder(data_dir)  # one clear line for the usual mistakes
-        source = f"--data-dir {data_dir}"
-        try:
-            splits = load_dataset("imagefolder", data_dir=str(data_dir))
-        except Exception as e:  # datasets raises many types; the user only needs the first line
-            raise UserError(f"{source}: could not be loaded as an image folder: {str(e).splitlines()[0]}") from None
-    else:
-        source = f"dataset {dataset!r}"
-        try:
-            import huggingface_hub
-
-            huggingface_hub.utils.logging.set_verbosity_error()  # one error line below, not a page of retries
-            splits = load_dataset(dataset)
-        except Exception as e:
-            first = (str(e).splitlines() or [type(e).__name__])[0]
-            raise UserError(f"could not load {source} from the Hugging Face Hub ({type(e).__name__}: {first}); "
-                            f"offline? use --data-dir DIR with train/ and validation/ class subfolders") from None
-    if "train" not in splits:
-        raise UserError(f"{source} has no 'train' split (splits: {list(splits)})")
-    image_col, label_col = find_columns(splits["train"].features)
-    class_names = list(splits["train"].features[label_col].names)
+        splits = load_dataset("imagefolder", data_dir=str(data_dir)) if data_dir else load_dataset(dataset)
+    image_col, label_col, class_names = vit_data.find_columns(splits, data_dir, dataset)
     val_name = next((s for s in ("validation", "valid", "val", "test") if s in splits), None)
     if val_name is not None:
         train, val = splits["train"], splits[val_name]
     else:  # one split only (microsoft/cats_vs_dogs): carve a seeded validation set with the same class balance
-        parts = splits["train"].train_test_split(test_size=val_fraction, seed=seed,
-                                                 stratify_by_column=label_col)
+        parts = splits["train"].train_test_split(test_size=val_fraction, seed=seed, stratify_by_column=label_col)
         train, val = parts["train"], parts["test"]
     if max_train_samples and len(train) > max_train_samples:
         train = train.shuffle(seed=seed).select(range(max_train_samples))
@@ -500,11 +430,6 @@ class TrainConfig:
     resume: bool = False  # go on from the `last` checkpoint of a stopped run
 
 
-# What a resumed run must share with the stopped one (the model's shape is checked too); the last two may change.
-RESUME_FLAGS = ("batch_size", "lr", "weight_decay", "warmup", "label_smoothing", "grad_clip", "augment", "mixup",
-                "cutmix", "mix_prob", "cache_scale", "seed", "max_train_samples", "epochs", "time_budget")
-
-
 def learning_rate(progress: float, base_lr: float, warmup: float, min_ratio: float = 0.01) -> float:
     """Linear warmup over the first `warmup` fraction of training, then cosine decay to min_ratio * base_lr.
     `progress` in [0, 1] is max(steps done / all steps, time used / time budget), so a time budget still ends
@@ -557,17 +482,6 @@ def evaluate(model: VisionTransformer, cache: ImageCache, class_names: list[str]
             "confusion_matrix": cm, "predictions": preds}
 
 
-def checkpoint_path(output_dir: str, checkpoint: str | None) -> Path:
-    return Path(checkpoint) if checkpoint else Path(output_dir) / "vit_cats_vs_dogs.pth"
-
-
-def save_checkpoint(path: Path, model: VisionTransformer, class_names: list[str], extra: dict) -> None:
-    """state_dict + config as a plain dict + class names, saved atomically; loads with weights_only=True."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    trainkit.atomic_save({"model": state, "config": asdict(model.config), "class_names": list(class_names), **extra},
-                         path)
-
-
 @dataclass
 class Data:
     train: ImageCache
@@ -578,13 +492,15 @@ class Data:
 
 def load_data(s: TrainConfig, image_size: int) -> Data:
     """Both splits decoded once; training images at image_size * cache_scale, for the random crops."""
+    from extras import vit_data  # decodes a split with decode_image, skipping (and counting) unreadable files
+
     t0 = time.perf_counter()
     with trainkit.main_first():  # under torchrun: one process fills the datasets cache, the others read it
         train_ds, val_ds, image_col, label_col, class_names = load_splits(
             s.data_dir, s.dataset, s.val_fraction, s.seed, s.max_train_samples)
     cache_size = max(image_size, round(image_size * s.cache_scale))
-    data = Data(cache_split(train_ds, image_col, label_col, cache_size, "train"),
-                cache_split(val_ds, image_col, label_col, image_size, "validation"), class_names)
+    data = Data(vit_data.cache_split(train_ds, image_col, label_col, cache_size, "train"),
+                vit_data.cache_split(val_ds, image_col, label_col, image_size, "validation"), class_names)
     data.seconds = time.perf_counter() - t0
     print(f"data: {len(data.train)} train / {len(data.val)} validation images, classes {class_names}, "
           f"{data.train.skipped + data.val.skipped} unreadable files skipped, decoded in {data.seconds:.1f}s")
@@ -618,68 +534,35 @@ class Mixing:
         return self.transform(images, labels)
 
 
-@dataclass
-class Progress:
-    """Where a run stands: what the `last` checkpoint keeps and --resume starts from."""
-
-    epoch: int = 1
-    batch: int = 0  # batches of this epoch done
-    sums: tuple = (0.0, 0, 0)  # this epoch's loss sum, correct predictions and images, over all processes
-    step: int = 0
-    images_seen: int = 0
-    train_seconds: float = 0.0
-    elapsed: float = 0.0  # the clock the time budget reads
-    history: list = field(default_factory=list)  # one dict per finished epoch
-    best_acc: float = -1.0
-
-    def end_epoch(self, val_accuracy: float | None, lr: float) -> dict:
-        """Adds the epoch to the history and starts the next one (an epoch cut short by the time budget counts)."""
-        loss_sum, correct, count = self.sums
-        self.history.append({"epoch": self.epoch, "train_loss": loss_sum / max(1, count),
-                             "train_accuracy": correct / max(1, count), "val_accuracy": val_accuracy, "lr": lr})
-        self.epoch, self.batch, self.sums, self.images_seen = self.epoch + 1, 0, (0.0, 0, 0), self.images_seen + count
-        return self.history[-1]
-
-
-def train_epoch(step: trainkit.TrainStep, forward, loader, mix: Mixing, run: Progress, s: TrainConfig,
+def train_epoch(step: trainkit.TrainStep, forward, loader, mix: Mixing, run, s: TrainConfig,
                 budget: trainkit.Budget, device: torch.device) -> None:
     """One epoch (the rest of it, when resumed): schedule, forward, loss, backward, clip and step, batch after
     batch. Ends early when the budget says the run must stop (a signal, the time budget or the last step)."""
-    t0 = time.perf_counter()
-    bar = progress_bar(loader, run.epoch, s.quiet)
-    for images, labels in bar:
-        lr = learning_rate(budget.progress(run.step), s.lr, s.warmup)
-        x, y = normalize(images.to(device)), labels.to(device)
-        x, target = mix(x, y)
-        with step.forward_context():  # autocast in the run's precision
-            logits = forward(x)
-            loss = F.cross_entropy(logits.float(), target, label_smoothing=s.label_smoothing)
-        step.backward(loss)
-        step.update(lr)  # clip the gradients' norm to grad_clip, then AdamW's step at this learning rate
-        run.step, run.batch = run.step + 1, run.batch + 1
-        counts = trainkit.all_reduce([loss.item() * len(y), (logits.argmax(-1) == y).sum().item(), len(y)])
-        run.sums = tuple(a + b for a, b in zip(run.sums, counts))
-        loss_sum, correct, count = run.sums
-        bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.3f}",
-                        img_s=f"{count / (time.perf_counter() - t0):.0f}")
-        budget.agree()  # the time and any stop signal, agreed by every process
-        if budget.done(run.step):  # every process stops after the same step
-            break
-    bar.close()
-    run.train_seconds += time.perf_counter() - t0
+    with run.progress_bar(loader) as bar:  # the running loss and accuracy; it also times the epoch
+        for images, labels in bar:
+            lr = learning_rate(budget.progress(run.step), s.lr, s.warmup)
+            x, y = normalize(images.to(device)), labels.to(device)
+            x, target = mix(x, y)
+            with step.forward_context():  # autocast in the run's precision
+                logits = forward(x)
+                loss = F.cross_entropy(logits.float(), target, label_smoothing=s.label_smoothing)
+            step.backward(loss)
+            step.update(lr)  # clip the gradients' norm to grad_clip, then AdamW's step at this learning rate
+            run.count(loss, logits, y)  # the step, and the epoch's loss and accuracy over all processes
+            budget.agree()  # the time and any stop signal, agreed by every process
+            if budget.done(run.step):  # every process stops after the same step
+                break
 
 
 def train(config: ViTConfig, s: TrainConfig, pretrained: VisionTransformer | None = None) -> dict:
-    """Trains, validates after each epoch, keeps the best checkpoint and reports; returns the metrics on rank 0
-    ({"signal": n} when SIGINT or SIGTERM stopped the run, saved for --resume). pretrained: start from this
-    model (--pretrained, extras/vit_pretrained.py) with a new head for the data's classes."""
+    """Trains, validates every eval_every epochs, keeps the best checkpoint and reports; returns the metrics
+    on rank 0 ({"signal": n} when SIGINT or SIGTERM stopped the run, saved for --resume). pretrained: start from
+    this model (--pretrained, extras/vit_pretrained.py) with a new head for the data's classes."""
+    from extras import vit_run  # the run's bookkeeping: progress bar, checkpoints, --resume, curves, the report
+
     seed_everything(s.seed)
     t_start = time.perf_counter()
-    try:  # under torchrun: join the other processes; each takes its share of every batch
-        device = trainkit.init_distributed(trainkit.pick_device(s.device))
-        local_batch = trainkit.per_process_batch(s.batch_size)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    device, local_batch = vit_run.join_processes(s)  # under torchrun each process takes its share of a batch
     data = load_data(s, (pretrained.config if pretrained else config).image_size)
     if pretrained is not None:  # the pretrained encoder, a new head for our classes
         from extras import vit_pretrained
@@ -698,22 +581,10 @@ def train(config: ViTConfig, s: TrainConfig, pretrained: VisionTransformer | Non
                               s.grad_clip)
     forward = torch.compile(step.model) if s.compile else step.model  # fuses LayerNorm, GELU, softmax...
     loader = train_loader(data.train, config.image_size, s, local_batch)
-    mix, steps_total = Mixing(s, config.num_classes), s.epochs * len(loader)
-    ckpt_path = checkpoint_path(s.output_dir, s.checkpoint)
-    last = trainkit.runs.LastCheckpoint(ckpt_path, "transformer.py", step, asdict(config),
-                                        {k: getattr(s, k) for k in RESUME_FLAGS}, ("epochs", "time_budget"))
-    run = Progress()
-    if s.resume:  # weights, optimizer, random generators and counters as the stopped run left them
-        state = last.resume()
-        run = Progress(**{f.name: state[f.name] for f in fields(Progress)})
-        mix.generator.set_state(state["mix_rng"])
-
-    def save_last() -> None:
-        last.save(**asdict(run), class_names=data.class_names, mix_rng=mix.generator.get_state())
-
-    interrupted, curves_drawn = False, -math.inf
+    mix = Mixing(s, config.num_classes)
+    run = vit_run.Run(s, model, step, data, mix, device, precision)  # with --resume: where the stopped run was
     # SIGINT and SIGTERM only set budget.signum: the step ends, then the run is saved
-    with trainkit.Budget(steps_total, s.time_budget, run.elapsed) as budget:
+    with trainkit.Budget(s.epochs * len(loader), s.time_budget, run.elapsed) as budget:
         try:
             while run.epoch <= s.epochs and not budget.done(run.step):
                 model.train()
@@ -721,61 +592,19 @@ def train(config: ViTConfig, s: TrainConfig, pretrained: VisionTransformer | Non
                 loader.sampler.start = run.batch * local_batch  # a resumed epoch goes on from its next batch
                 train_epoch(step, forward, loader, mix, run, s, budget, device)
                 run.elapsed = budget.elapsed_s
-                if budget.signum:  # keep the run where it stopped; evaluation waits for the resumed run
-                    if trainkit.is_main():  # another rank exiting non-zero would make torchrun kill rank 0 mid-save
-                        save_last()
-                        print(trainkit.stopped_note(budget.signum, f"in epoch {run.epoch}", last.path), file=sys.stderr)
-                    return {"signal": budget.signum} if trainkit.is_main() else {}
-                last_epoch = run.epoch >= s.epochs or budget.done(run.step)
+                if budget.signum:  # saved for --resume; evaluation waits for the resumed run
+                    return run.stopped(budget.signum)
                 val = None  # validation takes time from training: every eval_every epochs and after the last
-                if run.epoch % s.eval_every == 0 or last_epoch:
+                if run.epoch % s.eval_every == 0 or run.epoch >= s.epochs or budget.done(run.step):
                     val = evaluate(model, data.val, data.class_names, device, precision, tta=s.tta)
-                done = run.end_epoch(val and val["accuracy"], step.optimizer.param_groups[0]["lr"])
-                print(f"epoch {done['epoch']:3d}  train loss {done['train_loss']:.3f} acc {done['train_accuracy']:.3f}"
-                      + (f"  val acc {val['accuracy']:.3f}" if val else "") + f"  {budget.elapsed_s:.0f}s", flush=True)
-                if val and val["accuracy"] > run.best_acc:
-                    run.best_acc = val["accuracy"]
-                    if trainkit.is_main():
-                        save_checkpoint(ckpt_path, model, data.class_names, {"epoch": done["epoch"],
-                                                                             "val_accuracy": run.best_acc})
-                if trainkit.is_main():
-                    save_last()
-                    if time.perf_counter() - curves_drawn >= CURVES_EVERY_S:
-                        draw_curves(s, model, device, precision, run.history)
-                        curves_drawn = time.perf_counter()
+                # prints the epoch; saves the best checkpoint, the `last` one and the curves
+                run.epoch_done(val, step.optimizer.param_groups[0]["lr"], budget.elapsed_s)
         except KeyboardInterrupt:  # a second Ctrl-C: report what was trained so far
-            interrupted = True
+            run.interrupted = True
             print("\ninterrupted: saving and reporting what was trained so far", file=sys.stderr)
-
     final = evaluate(model, data.val, data.class_names, device, precision, tta=s.tta)
-    if not trainkit.is_main():  # rank 0 alone writes the checkpoint, the pictures and metrics.json
-        return {}
-    if final["accuracy"] > run.best_acc or not ckpt_path.exists():
-        run.best_acc = final["accuracy"]
-        save_checkpoint(ckpt_path, model, data.class_names, {"epoch": len(run.history), "val_accuracy": run.best_acc})
-    from extras import vit_commands  # metrics.json, the report, the pictures of the predictions and the attention
-
-    return vit_commands.report_training(model, data, run, final, s, device, precision, interrupted,
-                                        wall_seconds=time.perf_counter() - t_start)
-
-
-CURVES_EVERY_S = 10.0  # redraw vit_curves.png after an epoch when this many seconds have passed since the last
-
-
-def draw_curves(s: TrainConfig, model: VisionTransformer, device: torch.device, precision: Precision,
-                history: list[dict]) -> Path:
-    c = model.config
-    title = (f"transformer.py: ViT {model.num_params() / 1e6:.2f}M parameters ({c.image_size} px, patch "
-             f"{c.patch_size}, dim {c.dim}, {c.depth} blocks), {device.type}, {precision.name}")
-    note = "on MixUp/CutMix batches" if s.mixup > 0 or s.cutmix > 0 else ""
-    return trainkit.pictures.plot_classifier_curves(Path(s.output_dir) / "vit_curves.png", history, title, note)
-
-
-def progress_bar(loader, epoch: int, quiet: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(loader, desc=f"epoch {epoch}", leave=False, mininterval=1.0,
-                disable=quiet or not sys.stderr.isatty() or not trainkit.is_main())
+    # rank 0: the final model if it is the best, metrics.json, the report, the pictures
+    return run.finish(final, wall_seconds=time.perf_counter() - t_start)
 
 
 def seed_everything(seed: int) -> None:
@@ -811,21 +640,10 @@ PRESETS: dict[str, dict] = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags, the preset's values where a flag was left out, and checks that end in one line."""
-    from extras import vit_commands  # the long argparse parser, with each flag's help
+    """The flags, each one left out taking its preset's value (PRESETS); a value no run can use ends in one line."""
+    from extras import vit_commands  # the argparse parser with each flag's help, and the checks
 
-    parser = vit_commands.build_parser()
-    args = parser.parse_args(argv)
-    if args.weights and not args.pretrained:
-        parser.error("--weights needs --pretrained NAME (the architecture the weights are for)")
-    if args.pretrained:
-        from extras import vit_pretrained
-
-        trainkit.fill_preset(args, vit_pretrained.FINETUNE_DEFAULTS[args.finetune])
-    args.preset = args.preset or ("finetune" if args.pretrained else "default")
-    trainkit.fill_preset(args, PRESETS[args.preset])
-    vit_commands.check_flags(parser, args, model_config)
-    return args
+    return vit_commands.parse_args(argv)
 
 
 def model_config(args: argparse.Namespace) -> ViTConfig:

@@ -1,6 +1,5 @@
 """transformer.py's command line and the commands beside training: --predict, --eval-only, the report a run
-ends with (metrics.json, the printed summary and confusion matrix, the pictures of predictions and attention),
-and the checks of a --data-dir folder.
+ends with (metrics.json, the printed summary and confusion matrix, the pictures of predictions and attention).
 
     python transformer.py --predict cat.jpg dog.jpg
     python transformer.py --eval-only --checkpoint runs/vit/vit_cats_vs_dogs.pth --data-dir DIR
@@ -17,6 +16,7 @@ import torch
 
 import trainkit
 import transformer
+from extras import vit_data, vit_run
 from trainkit import Precision, UserError
 
 
@@ -94,6 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """transformer.parse_args: the flags, the preset's values where a flag was left out (--pretrained: the
+    --finetune defaults first), and checks that end in one line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.weights and not args.pretrained:
+        parser.error("--weights needs --pretrained NAME (the architecture the weights are for)")
+    if args.pretrained:
+        from extras import vit_pretrained
+
+        trainkit.fill_preset(args, vit_pretrained.FINETUNE_DEFAULTS[args.finetune])
+    args.preset = args.preset or ("finetune" if args.pretrained else "default")
+    trainkit.fill_preset(args, transformer.PRESETS[args.preset])
+    check_flags(parser, args)
+    return args
+
+
 def stem_channels(text: str) -> tuple[int, ...]:
     """--stem-channels: "24,48,96" -> (24, 48, 96); "none" or "" -> () (no stem)."""
     if text.strip().lower() in ("", "none"):
@@ -105,7 +122,7 @@ def stem_channels(text: str) -> tuple[int, ...]:
                                          f"'none', got {text!r}") from None
 
 
-def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, model_config) -> None:
+def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Values no run can use end in one line (argparse's error, exit status 2) before anything is loaded."""
     checks = [(args.epochs >= 1, "--epochs must be at least 1"),
               (args.batch_size >= 1, "--batch-size must be at least 1"),
@@ -121,33 +138,26 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, model
         if not ok:
             parser.error(message)
     try:
-        model_config(args)  # ViTConfig checks the model's shape
+        transformer.model_config(args)  # ViTConfig checks the model's shape
     except ValueError as e:
         parser.error(f"invalid model config: {e}")
 
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-def check_image_folder(data_dir: Path) -> None:
-    """--data-dir: clear errors for the usual mistakes before `datasets` sees the folder."""
-    if not data_dir.exists():
-        raise UserError(f"--data-dir {data_dir}: no such folder")
-    if not data_dir.is_dir():
-        raise UserError(f"--data-dir {data_dir}: not a folder")
-    train = data_dir / "train"
-    if not train.is_dir():
-        raise UserError(f"--data-dir {data_dir}: expected a train/ folder with one subfolder per class "
-                        f"(train/cats/*.jpg, train/dogs/*.jpg, ...)")
-    classes = [d.name for d in sorted(train.iterdir())
-               if d.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in d.iterdir())]
-    if not classes:
-        raise UserError(f"--data-dir {data_dir}: train/ has no class subfolders with images "
-                        f"(expected train/<class name>/<image files>)")
-    if len(classes) < 2:
-        raise UserError(f"--data-dir {data_dir}: train/ has only one class ({classes[0]}); "
-                        f"a classifier needs at least two")
-
+def check_config_values(c: transformer.ViTConfig) -> None:
+    """ViTConfig's values, each in its range (ValueError, one line); ViTConfig itself checks that they fit together."""
+    for name in ("image_size", "patch_size", "dim", "depth", "n_heads", "mlp_dim", "num_classes", "in_channels"):
+        value = getattr(c, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"ViTConfig.{name} must be a positive integer, got {value!r}")
+    if c.num_classes < 2:
+        raise ValueError(f"ViTConfig.num_classes must be at least 2, got {c.num_classes}")
+    for name in ("dropout", "attention_dropout"):
+        value = getattr(c, name)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"ViTConfig.{name} must be in [0, 1), got {value!r}")
+    if not isinstance(c.stem_channels, (tuple, list)) or not all(
+            isinstance(ch, int) and not isinstance(ch, bool) and ch >= 1 for ch in c.stem_channels):
+        raise ValueError(f"ViTConfig.stem_channels must be a tuple of positive integers, got {c.stem_channels!r}")
 
 
 def load_checkpoint(path: Path, device: torch.device) -> tuple[transformer.VisionTransformer, list[str]]:
@@ -168,7 +178,7 @@ def predict(args: argparse.Namespace) -> int:
     from extras import vit_attention
 
     device = trainkit.pick_device(args.device)
-    checkpoint = transformer.checkpoint_path(args.output_dir, args.checkpoint)
+    checkpoint = vit_run.checkpoint_path(args.output_dir, args.checkpoint)
     model, class_names = load_checkpoint(checkpoint, device)
     shown, titles = [], []
     for path in args.predict:
@@ -193,12 +203,12 @@ def predict(args: argparse.Namespace) -> int:
 def eval_only(args: argparse.Namespace) -> int:
     """--eval-only: the checkpoint's accuracy and confusion matrix on the validation split."""
     device = trainkit.pick_device(args.device)
-    model, class_names = load_checkpoint(transformer.checkpoint_path(args.output_dir, args.checkpoint), device)
+    model, class_names = load_checkpoint(vit_run.checkpoint_path(args.output_dir, args.checkpoint), device)
     _, val_ds, image_col, label_col, data_classes = transformer.load_splits(
         args.data_dir, args.dataset, args.val_fraction, args.seed, args.max_train_samples)
     if data_classes != class_names:
         raise UserError(f"checkpoint classes {class_names} differ from the data's classes {data_classes}")
-    cache = transformer.cache_split(val_ds, image_col, label_col, model.config.image_size, "validation")
+    cache = vit_data.cache_split(val_ds, image_col, label_col, model.config.image_size, "validation")
     precision = transformer.pick_precision(args.precision, device, model.config, args.batch_size)
     result = transformer.evaluate(model, cache, class_names, device, precision, tta=args.tta)
     print(f"validation accuracy {result['accuracy']:.4f} on {len(cache)} images ({cache.skipped} unreadable skipped)")
@@ -207,7 +217,7 @@ def eval_only(args: argparse.Namespace) -> int:
     return 0
 
 
-def report_training(model: transformer.VisionTransformer, data: transformer.Data, run: transformer.Progress,
+def report_training(model: transformer.VisionTransformer, data: transformer.Data, run: vit_run.Run,
                     final: dict, s: transformer.TrainConfig, device: torch.device, precision: Precision,
                     interrupted: bool, wall_seconds: float) -> dict:
     """The end of a training run on rank 0: metrics.json, the printed report, the prediction grid, the curves
@@ -233,8 +243,8 @@ def report_training(model: transformer.VisionTransformer, data: transformer.Data
     print_report(metrics, data.class_names)
     grid = trainkit.pictures.plot_prediction_grid(out_dir / "vit_predictions.png", data.val.images, data.val.labels,
                                                   final["predictions"], data.class_names, seed=s.seed)
-    print(f"saved {transformer.checkpoint_path(s.output_dir, s.checkpoint)}, {metrics_path}, {grid}")
-    curves = transformer.draw_curves(s, model, device, precision, run.history) if run.history else None
+    print(f"saved {vit_run.checkpoint_path(s.output_dir, s.checkpoint)}, {metrics_path}, {grid}")
+    curves = vit_run.draw_curves(s, model, device, precision, run.history) if run.history else None
     idx = torch.randperm(len(data.val), generator=torch.Generator().manual_seed(s.seed))
     idx = idx[:vit_attention.ATTENTION_IMAGES]
     titles = [f"{data.class_names[int(final['predictions'][i])]} ({data.class_names[int(data.val.labels[i])]})"

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import trainkit
 import transformer
+from extras import vit_data, vit_run
 from trainkit import Precision, UserError
 from transformer import ViTConfig, VisionTransformer
 
@@ -177,14 +178,14 @@ def run_finetune_head(args: argparse.Namespace, model: VisionTransformer) -> dic
 
     transformer.seed_everything(args.seed)
     device = trainkit.pick_device(args.device)
-    ckpt_path = transformer.checkpoint_path(args.output_dir, args.checkpoint)
+    ckpt_path = vit_run.checkpoint_path(args.output_dir, args.checkpoint)
     t_start = time.perf_counter()
     train_ds, val_ds, image_col, label_col, class_names = transformer.load_splits(
         args.data_dir, args.dataset, args.val_fraction, args.seed, args.max_train_samples)
     model = with_new_head(model, len(class_names)).to(device).eval()
     size = model.config.image_size
-    train_cache = transformer.cache_split(train_ds, image_col, label_col, size, "train")
-    val_cache = transformer.cache_split(val_ds, image_col, label_col, size, "validation")
+    train_cache = vit_data.cache_split(train_ds, image_col, label_col, size, "train")
+    val_cache = vit_data.cache_split(val_ds, image_col, label_col, size, "validation")
     precision = transformer.pick_precision(args.precision, device, model.config, args.batch_size)
     print(f"model: {args.pretrained}, {model.num_params():,} parameters, {size}x{size} images; "
           f"encoding {len(train_cache)} train and {len(val_cache)} validation images once")
@@ -203,7 +204,7 @@ def run_finetune_head(args: argparse.Namespace, model: VisionTransformer) -> dic
         preds = head(val_features).argmax(-1)
     cm = transformer.confusion_matrix(val_cache.labels, preds, len(class_names))
     val_acc = (preds == val_cache.labels).float().mean().item()
-    transformer.save_checkpoint(ckpt_path, model, class_names, {"pretrained": args.pretrained, "finetune": "head",
+    vit_run.save_checkpoint(ckpt_path, model, class_names, {"pretrained": args.pretrained, "finetune": "head",
                                                                 "val_accuracy": val_acc})
     metrics = {
         "pretrained": args.pretrained, "finetune": "head", "final_train_loss": train_loss,

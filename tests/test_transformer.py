@@ -15,6 +15,7 @@ from PIL import Image
 import grading
 from grading import randomize_  # torchvision zero-initialises its head and some biases
 import transformer as T
+from extras import vit_data
 from extras.vit_pretrained import from_torchvision_state_dict
 
 # whole-model tests: green once all three Day 1 exercises are
@@ -245,7 +246,7 @@ def test_decode_image_matches_pil_rgb_for_gray_rgba_cmyk(tmp_path):
 def test_image_folder_loads_via_datasets_and_skips_the_corrupt_file(image_folder):
     train, val, image_col, label_col, classes = T.load_splits(**split_flags(data_args(image_folder)))
     assert classes == ["cats", "dogs"]
-    cache = T.cache_split(train, image_col, label_col, 16, "train")
+    cache = vit_data.cache_split(train, image_col, label_col, 16, "train")
     assert cache.skipped == 1  # the truncated JPEG, counted and skipped
     assert cache.images.shape == (12, 3, 16, 16) and cache.images.dtype == torch.uint8
     assert cache.labels.tolist().count(0) == 6 and cache.labels.tolist().count(1) == 6
@@ -255,7 +256,7 @@ def test_image_folder_loads_via_datasets_and_skips_the_corrupt_file(image_folder
     assert (red[cache.labels == 0] >= blue[cache.labels == 0]).all()
     assert (blue[cache.labels == 1] >= red[cache.labels == 1]).all()
     assert (red != blue).sum() >= 8
-    val_cache = T.cache_split(val, image_col, label_col, 16, "validation")
+    val_cache = vit_data.cache_split(val, image_col, label_col, 16, "validation")
     assert len(val_cache) == 6 and val_cache.skipped == 0
 
 
