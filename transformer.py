@@ -60,9 +60,20 @@ class ViTConfig:
     stem_channels: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        from extras import vit_commands  # positive sizes, at least two classes, dropouts in [0, 1): one clear line
-
-        vit_commands.check_config_values(self)
+        # positive sizes, at least two classes, dropouts in [0, 1); then that the sizes fit together
+        for name in ("image_size", "patch_size", "dim", "depth", "n_heads", "mlp_dim", "num_classes", "in_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ViTConfig.{name} must be a positive integer, got {value!r}")
+        if self.num_classes < 2:
+            raise ValueError(f"ViTConfig.num_classes must be at least 2, got {self.num_classes}")
+        for name in ("dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"ViTConfig.{name} must be in [0, 1), got {value!r}")
+        if not isinstance(self.stem_channels, (tuple, list)) or not all(
+                isinstance(ch, int) and not isinstance(ch, bool) and ch >= 1 for ch in self.stem_channels):
+            raise ValueError(f"ViTConfig.stem_channels must be a tuple of positive integers, got {self.stem_channels!r}")
         self.stem_channels = tuple(self.stem_channels)  # a checkpoint's or metrics.json's config holds a list
         if self.image_size % self.patch_size != 0:
             raise ValueError(f"ViTConfig: image_size {self.image_size} is not divisible by patch_size "

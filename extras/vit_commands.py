@@ -143,23 +143,6 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"invalid model config: {e}")
 
 
-def check_config_values(c: transformer.ViTConfig) -> None:
-    """ViTConfig's values, each in its range (ValueError, one line); ViTConfig itself checks that they fit together."""
-    for name in ("image_size", "patch_size", "dim", "depth", "n_heads", "mlp_dim", "num_classes", "in_channels"):
-        value = getattr(c, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"ViTConfig.{name} must be a positive integer, got {value!r}")
-    if c.num_classes < 2:
-        raise ValueError(f"ViTConfig.num_classes must be at least 2, got {c.num_classes}")
-    for name in ("dropout", "attention_dropout"):
-        value = getattr(c, name)
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"ViTConfig.{name} must be in [0, 1), got {value!r}")
-    if not isinstance(c.stem_channels, (tuple, list)) or not all(
-            isinstance(ch, int) and not isinstance(ch, bool) and ch >= 1 for ch in c.stem_channels):
-        raise ValueError(f"ViTConfig.stem_channels must be a tuple of positive integers, got {c.stem_channels!r}")
-
-
 def load_checkpoint(path: Path, device: torch.device) -> tuple[transformer.VisionTransformer, list[str]]:
     """The model and class names of a checkpoint transformer.py saved."""
     ckpt = trainkit.read_checkpoint(path, "train first (python transformer.py ...) or pass --checkpoint PATH")
