@@ -254,7 +254,11 @@ def generate(model: Transformer, tokenizer, prompt, device, max_length: int = 50
             on_choice(logits, nxt, sampler)
             return nxt
 
-    stop_id = end_of_turn_id(tokenizer) if chat else tokenizer.eos_token_id
+    stop_id = tokenizer.eos_token_id
+    if chat:  # the assistant's answer ends at the template's end-of-turn token (extras/llama_hf.py)
+        from extras.llama_hf import end_of_turn_id
+
+        stop_id = end_of_turn_id(tokenizer)
     # The decoding steps run on fast_decoder(model): the same tokens, with the per-step work done once up front.
     new, reason = generate_tokens(fast_decoder(model), prompt_ids, max_length, pick_next, stop_id, on_token=on_token,
                                   n_pad=n_pad)
@@ -269,15 +273,6 @@ def fast_decoder(model: Transformer):
     from extras.fast_decoding import fast_decoder
 
     return fast_decoder(model)
-
-
-def end_of_turn_id(tokenizer) -> Optional[int]:
-    """The token that ends an assistant's turn in the tokenizer's chat template (ChatML's <|im_end|>, Llama 3's
-    <|eot_id|>): the special token the template writes right after a message; else the end-of-text token."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}],
-                                         tokenize=False)
-    after = tokenizer(text[text.rindex("!") + 1:], add_special_tokens=False)["input_ids"]
-    return after[0] if after and after[0] in tokenizer.all_special_ids else tokenizer.eos_token_id
 
 
 # The course's four entry points, one per strategy: a prompt in, its continuation (without the prompt) out.

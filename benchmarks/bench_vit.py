@@ -29,11 +29,13 @@ from machine import describe_machine, print_header, write_json  # noqa: E402
 
 
 def torchvision_model(c: T.ViTConfig) -> torch.nn.Module:
-    from torchvision.models.vision_transformer import VisionTransformer
+    from torchvision.models.vision_transformer import ConvStemConfig, VisionTransformer
 
+    stem = [ConvStemConfig(channels, kernel_size=3, stride=2) for channels in c.stem_channels] or None
     return VisionTransformer(image_size=c.image_size, patch_size=c.patch_size, num_layers=c.depth,
                              num_heads=c.n_heads, hidden_dim=c.dim, mlp_dim=c.mlp_dim, dropout=c.dropout,
-                             attention_dropout=c.attention_dropout, num_classes=c.num_classes)
+                             attention_dropout=c.attention_dropout, num_classes=c.num_classes,
+                             conv_stem_configs=stem)
 
 
 def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None):
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=preset["batch_size"])
     p.add_argument("--image-size", type=int, default=preset["image_size"])
     p.add_argument("--patch-size", type=int, default=preset["patch_size"])
+    p.add_argument("--stem-channels", type=lambda text: tuple(int(c) for c in text.split(",") if c),
+                   default=preset["stem_channels"], help="comma-separated; '' for the single patch projection")
     p.add_argument("--dim", type=int, default=preset["dim"])
     p.add_argument("--depth", type=int, default=preset["depth"])
     p.add_argument("--n-heads", type=int, default=preset["n_heads"])
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     print_header(machine)
 
     c = T.ViTConfig(image_size=args.image_size, patch_size=args.patch_size, dim=args.dim, depth=args.depth,
-                    n_heads=args.n_heads, mlp_dim=args.mlp_dim, num_classes=2)
+                    n_heads=args.n_heads, mlp_dim=args.mlp_dim, num_classes=2, stem_channels=args.stem_channels)
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, c.image_size, c.image_size)
     y = torch.randint(0, 2, (args.batch_size,))

@@ -318,3 +318,12 @@ def bos_ids(tokenizer) -> list[int]:
     full = tokenizer("a")["input_ids"]
     starts = [i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain]
     return full[:starts[0]] if starts else []
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The token that ends an assistant's turn in the tokenizer's chat template (ChatML's <|im_end|>, Llama 3's
+    <|eot_id|>): the special token the template writes right after a message; else the end-of-text token."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}],
+                                         tokenize=False)
+    after = tokenizer(text[text.rindex("!") + 1:], add_special_tokens=False)["input_ids"]
+    return after[0] if after and after[0] in tokenizer.all_special_ids else tokenizer.eos_token_id

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=float, help="fraction of training spent warming the LR up")
     t.add_argument("--label-smoothing", type=float)
     t.add_argument("--grad-clip", type=float, default=1.0)
-    t.add_argument("--augment", choices=["none", "light", "strong"])
+    t.add_argument("--augment", choices=["none", "light", "strong"], help="light: random resized crop and flip; "
+                   "strong: also a rotation of up to 20 degrees and brightness, contrast, saturation changes")
     t.add_argument("--mixup", type=float, help="MixUp alpha (0: off)")
     t.add_argument("--cutmix", type=float, help="CutMix alpha (0: off)")
     t.add_argument("--mix-prob", type=float, help="share of batches that get MixUp/CutMix")

@@ -51,3 +51,15 @@ def tiny_wikitext_dir(tmp_path_factory):
         text = "".join(wikitext_article(rng, f"{name} {i}", 5) for i in range(n_articles))
         (path / name).write_text(text)
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def decode_in_float32(monkeypatch):
+    """Generation decodes in the weights' dtype a timed step says is faster (extras/fast_decoding.py). On a CPU
+    where fp32 and bf16 steps take about as long, that choice can differ between two runs, and so can the
+    tokens; the tests decode in fp32, where the tokens are the lesson model's. Tests of the choice itself
+    restore it (tests/test_fast_decoding.py)."""
+    import torch
+    from extras import fast_decoding
+
+    monkeypatch.setattr(fast_decoding, "choose_dtype", lambda model: (torch.float32, "float32 in the tests"))

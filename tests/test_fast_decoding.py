@@ -17,16 +17,16 @@ import torch
 
 import llama
 import llama_generation as gen
-from extras import llama_commands, llama_hf
 import trainkit
 from helpers import call_main
 from hf_reference import to_hf_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # extras/ and tools/ of this repository
 
-from extras import fast_decoding as fd  # noqa: E402
+from extras import fast_decoding as fd, llama_commands, llama_hf  # noqa: E402
 from tools import get_smollm2  # noqa: E402
 
+MEASURED_CHOICE = fd.choose_dtype  # the real one, before tests/conftest.py pins float32 for each test
 DAY2 = pytest.mark.needs("rmsnorm", "swiglu", "causal_mask")
 
 # What a fast path can get wrong: grouped-query heads, an untied output, a single key/value head.
@@ -173,6 +173,7 @@ def test_fast_decoder_is_built_once_and_again_after_the_weights_change(monkeypat
                          ids=["bf16_clearly_faster", "bf16_within_the_margin", "fp32_faster"])
 def test_the_weights_dtype_is_the_one_a_measured_step_says_is_faster(fp32_ms, bf16_ms, expected, monkeypatch):
     fake = {torch.float32: fp32_ms / 1e3, torch.bfloat16: bf16_ms / 1e3}
+    monkeypatch.setattr(fd, "choose_dtype", MEASURED_CHOICE)  # tests/conftest.py pins float32 elsewhere
     monkeypatch.setattr(fd, "time_dtypes", lambda model: fake)
     decoder = fd.FastDecoder(tiny_model(**SHAPES["mha_tied"]))
     assert decoder.dtype == expected and decoder.layers[0].w13.dtype == expected
@@ -317,7 +318,7 @@ def chat_checkpoint(tmp_path_factory, tiny_tokenizer_dir):
 
 def test_end_of_turn_is_the_special_token_the_chat_template_closes_a_message_with(chat_checkpoint):
     _, tok = chat_checkpoint
-    assert gen.end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|im_end|>") != tok.eos_token_id
+    assert llama_hf.end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|im_end|>") != tok.eos_token_id
 
 
 @DAY2
