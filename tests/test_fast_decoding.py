@@ -142,6 +142,7 @@ def test_stops_at_eos_and_max_seq_len_like_the_lesson_model():
         assert reason == "max_seq_len" and new.shape == (1, 10)
 
 
+@DAY2
 def test_without_a_cache_or_with_a_prompt_the_decoder_runs_the_lesson_model():
     model = tiny_model(**SHAPES["mha_tied"])
     decoder = fd.FastDecoder(model, torch.float32)
@@ -181,6 +182,7 @@ def test_the_weights_dtype_is_the_one_a_measured_step_says_is_faster(fp32_ms, bf
     assert decoder.describe().startswith(f"fast decoding: {str(expected)[6:]} weights (a step measured")
 
 
+@DAY2
 def test_step_timing_runs_real_steps_and_leaves_the_kernel_setting_alone():
     default = torch.backends.mkldnn.enabled
     seconds = fd.time_dtypes(tiny_model(**SHAPES["gqa_untied"]), rounds=1)
