@@ -55,11 +55,14 @@ def tiny_wikitext_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def decode_in_float32(monkeypatch):
-    """Generation decodes in the weights' dtype a timed step says is faster (extras/fast_decoding.py). On a CPU
-    where fp32 and bf16 steps take about as long, that choice can differ between two runs, and so can the
-    tokens; the tests decode in fp32, where the tokens are the lesson model's. Tests of the choice itself
-    restore it (tests/test_fast_decoding.py)."""
+    """Generation decodes with the weights' dtype and backend that timed steps say are fastest
+    (extras/fast_decoding.py). Where two take about as long, that choice can differ between two runs, and so
+    can the tokens; the tests decode with float32 weights on PyTorch, where the tokens are the lesson model's.
+    Tests of the choice itself and of the C backend ask for them (tests/test_fast_decoding.py)."""
     import torch
     from extras import fast_decoding
 
-    monkeypatch.setattr(fast_decoding, "choose_dtype", lambda model: (torch.float32, "float32 in the tests"))
+    def pinned(model, dtype=None, backend=None):
+        return (dtype or torch.float32, backend or "torch"), "float32 on PyTorch in the tests"
+
+    monkeypatch.setattr(fast_decoding, "choose_decoding", pinned)

@@ -3,7 +3,7 @@
 FastDecoder's greedy tokens against the lesson's Transformer decoded by generate_tokens and against Hugging
 Face's LlamaForCausalLM.generate, on small random models of several shapes, alone and in left-padded
 batches; its logits against the lesson model's at every step, on every kernel choice; its choice of dtype
-with the timings faked both ways. get_smollm2's conversion against the model a tiny GGUF file was written
+with the timings faked every way. get_smollm2's conversion against the model a tiny GGUF file was written
 from. No timing is asserted.
 """
 
@@ -23,11 +23,14 @@ from hf_reference import to_hf_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # extras/ and tools/ of this repository
 
-from extras import fast_decoding as fd, llama_commands, llama_hf  # noqa: E402
+from extras import fast_decoding as fd, llama_commands, llama_hf, step_kernels  # noqa: E402
 from tools import get_smollm2  # noqa: E402
 
-MEASURED_CHOICE = fd.choose_dtype  # the real one, before tests/conftest.py pins float32 for each test
+MEASURED_CHOICE = fd.choose_decoding  # the real one, before tests/conftest.py pins float32 on PyTorch
 DAY2 = pytest.mark.needs("rmsnorm", "swiglu", "causal_mask")
+C_BUILT, C_WHY = step_kernels.available()
+# Each decoding test runs on both backends: PyTorch's operations and extras/step_kernels.c.
+BACKENDS = ["torch", pytest.param("c", marks=pytest.mark.skipif(not C_BUILT, reason=f"no C kernels: {C_WHY}"))]
 
 # What a fast path can get wrong: grouped-query heads, an untied output, a single key/value head.
 SHAPES = {
@@ -56,10 +59,11 @@ ROWS = [[5, 17, 42], [8, 99, 3, 61, 7, 12], [44]]
 
 
 @DAY2
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=list(SHAPES))
-def test_greedy_tokens_equal_the_lesson_models_and_hf_generate(shape):
+def test_greedy_tokens_equal_the_lesson_models_and_hf_generate(shape, backend):
     model = tiny_model(**SHAPES[shape])
-    decoder = fd.FastDecoder(model, torch.float32)
+    decoder = fd.FastDecoder(model, torch.float32, backend)
     ours, reason = gen.generate_tokens(decoder, PROMPT, 40, gen.pick_greedy)
     lesson, _ = gen.generate_tokens(model, PROMPT, 40, gen.pick_greedy)
     hf = to_hf_llama(model).generate(PROMPT, max_new_tokens=40, do_sample=False, eos_token_id=None,
@@ -69,10 +73,11 @@ def test_greedy_tokens_equal_the_lesson_models_and_hf_generate(shape):
 
 
 @DAY2
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=list(SHAPES))
-def test_left_padded_batch_equals_the_lesson_model_and_hf_generate_with_an_attention_mask(shape):
+def test_left_padded_batch_equals_the_lesson_model_and_hf_generate_with_an_attention_mask(shape, backend):
     model = tiny_model(**SHAPES[shape])
-    decoder = fd.FastDecoder(model, torch.float32)
+    decoder = fd.FastDecoder(model, torch.float32, backend)
     tokens, n_pad = gen.pad_prompts(ROWS, pad_id=0)
     ours, _ = gen.generate_tokens(decoder, tokens, 30, gen.pick_greedy, n_pad=n_pad)
     lesson, _ = gen.generate_tokens(model, tokens, 30, gen.pick_greedy, n_pad=n_pad)
@@ -85,16 +90,17 @@ def test_left_padded_batch_equals_the_lesson_model_and_hf_generate_with_an_atten
         assert new.tolist() == alone[0].tolist()
 
 
-KERNEL_CHOICES = [(True, False), (True, True), (False, False), (False, True)]
+KERNEL_CHOICES = [("torch", True, False), ("torch", True, True), ("torch", False, False), ("torch", False, True),
+                  pytest.param("c", None, False, marks=BACKENDS[1].marks)]
 
 
 @DAY2
-@pytest.mark.parametrize("onednn,transposed", KERNEL_CHOICES, ids=lambda v: str(v))
-def test_every_step_gives_the_lesson_models_logits_on_every_kernel_choice(onednn, transposed, monkeypatch):
+@pytest.mark.parametrize("backend,onednn,transposed", KERNEL_CHOICES, ids=lambda v: str(v))
+def test_every_step_gives_the_lesson_models_logits_on_every_kernel_choice(backend, onednn, transposed, monkeypatch):
     chosen = trainkit.kernels.RowKernels(onednn, transposed, {(onednn, transposed): 1.0})
     monkeypatch.setattr(trainkit.kernels, "fastest_row_kernels", lambda *args, **kwargs: chosen)
     model = tiny_model(**SHAPES["gqa_untied"])
-    decoder = fd.FastDecoder(model, torch.float32)
+    decoder = fd.FastDecoder(model, torch.float32, backend)
     tokens = torch.randint(0, 101, (2, 30), generator=torch.Generator().manual_seed(1))
     cache = llama.KVCache(model.params, 2)
     default = torch.backends.mkldnn.enabled
@@ -107,11 +113,12 @@ def test_every_step_gives_the_lesson_models_logits_on_every_kernel_choice(onednn
 
 
 @DAY2
-def test_bfloat16_weights_give_logits_close_to_float32_and_the_first_tokens():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_weights_give_logits_close_to_float32(backend):
     model = tiny_model(**SHAPES["gqa_untied"])
     tokens = torch.randint(0, 101, (1, 20), generator=torch.Generator().manual_seed(2))
     cache = llama.KVCache(model.params, 1)
-    decoder = fd.FastDecoder(model, torch.bfloat16)
+    decoder = fd.FastDecoder(model, torch.bfloat16, backend)
     assert decoder.layers[0].wqkv.dtype == decoder.w_out.dtype == torch.bfloat16
     with torch.no_grad():
         steps = [decoder(tokens[:, :4], 0, cache)] + [decoder(tokens[:, t:t + 1], t, cache) for t in range(4, 20)]
@@ -120,19 +127,21 @@ def test_bfloat16_weights_give_logits_close_to_float32_and_the_first_tokens():
 
 
 @DAY2
-def test_a_bfloat16_model_decodes_in_float32_weights_with_its_bfloat16_cache():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bfloat16_model_decodes_in_float32_weights_with_its_bfloat16_cache(backend):
     model = tiny_model(**SHAPES["mqa_8_heads"])
     fp32, _ = gen.generate_tokens(model, PROMPT, 10, gen.pick_greedy)
     model = model.to(torch.bfloat16)
-    ours, _ = gen.generate_tokens(fd.FastDecoder(model, torch.float32), PROMPT, 10, gen.pick_greedy)
+    ours, _ = gen.generate_tokens(fd.FastDecoder(model, torch.float32, backend), PROMPT, 10, gen.pick_greedy)
     lesson, _ = gen.generate_tokens(model, PROMPT, 10, gen.pick_greedy)
     assert ours[0, :3].tolist() == lesson[0, :3].tolist() == fp32[0, :3].tolist()
 
 
 @DAY2
-def test_stops_at_eos_and_max_seq_len_like_the_lesson_model():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stops_at_eos_and_max_seq_len_like_the_lesson_model(backend):
     model = tiny_model(max_seq_len=16, **SHAPES["mha_tied"])
-    decoder = fd.FastDecoder(model, torch.float32)
+    decoder = fd.FastDecoder(model, torch.float32, backend)
     lesson, _ = gen.generate_tokens(model, PROMPT, 50, gen.pick_greedy)
     eos = int(lesson[0, 4])
     for runs in (decoder, model):
@@ -169,24 +178,56 @@ def test_fast_decoder_is_built_once_and_again_after_the_weights_change(monkeypat
     assert fd.fast_decoder(model, torch.bfloat16).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("fp32_ms,bf16_ms,expected", [(30.0, 18.0, torch.bfloat16), (30.0, 29.0, torch.float32),
-                                                      (20.0, 26.0, torch.float32)],
-                         ids=["bf16_clearly_faster", "bf16_within_the_margin", "fp32_faster"])
-def test_the_weights_dtype_is_the_one_a_measured_step_says_is_faster(fp32_ms, bf16_ms, expected, monkeypatch):
-    fake = {torch.float32: fp32_ms / 1e3, torch.bfloat16: bf16_ms / 1e3}
-    monkeypatch.setattr(fd, "choose_dtype", MEASURED_CHOICE)  # tests/conftest.py pins float32 elsewhere
-    monkeypatch.setattr(fd, "time_dtypes", lambda model: fake)
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+@pytest.mark.parametrize("ms,expected,expected_in_float32", [
+    ({(F32, "torch"): 30.0, (F32, "c"): 25.0, (BF16, "torch"): 28.0, (BF16, "c"): 15.0}, (BF16, "c"), (F32, "c")),
+    ({(F32, "torch"): 30.0, (F32, "c"): 20.0, (BF16, "torch"): 18.0, (BF16, "c"): 21.0}, (BF16, "torch"), (F32, "c")),
+    ({(F32, "torch"): 30.0, (F32, "c"): 28.0, (BF16, "torch"): 29.0, (BF16, "c"): 31.0}, (F32, "torch"), (F32, "torch")),
+    ({(F32, "torch"): 20.0, (F32, "c"): 26.0, (BF16, "torch"): 26.0, (BF16, "c"): 40.0}, (F32, "torch"), (F32, "torch")),
+], ids=["bf16_c_clearly_faster", "bf16_torch_fastest", "all_within_the_margin", "fp32_torch_fastest"])
+def test_the_dtype_and_backend_are_the_pair_a_measured_step_says_is_fastest(ms, expected, expected_in_float32,
+                                                                           monkeypatch):
+    monkeypatch.setattr(fd, "choose_decoding", MEASURED_CHOICE)  # tests/conftest.py pins float32 elsewhere
+    monkeypatch.setattr(fd, "usable_backends", lambda model: ("torch", "c"))
+    monkeypatch.setattr(fd, "time_candidates", lambda model, candidates: {c: ms[c] / 1e3 for c in candidates})
+    model = tiny_model(**SHAPES["mha_tied"])
+    (dtype, backend), why = fd.choose_decoding(model)
+    assert (dtype, backend) == expected
+    assert all(f"{t:.1f} ms on {fd.candidate_name(c)}" in why for c, t in ms.items())
+    # with the dtype given, only the candidates in that dtype are compared
+    assert fd.choose_decoding(model, dtype=F32)[0] == expected_in_float32
+
+
+@pytest.mark.skipif(not C_BUILT, reason=f"no C kernels: {C_WHY}")
+def test_the_decoder_built_on_the_choice_says_what_it_chose(monkeypatch):
+    monkeypatch.setattr(fd, "choose_decoding", MEASURED_CHOICE)
+    monkeypatch.setattr(fd, "time_candidates", lambda model, candidates: {c: 0.01 if c == (BF16, "c") else 0.03
+                                                                          for c in candidates})
     decoder = fd.FastDecoder(tiny_model(**SHAPES["mha_tied"]))
-    assert decoder.dtype == expected and decoder.layers[0].w13.dtype == expected
-    assert f"{fp32_ms:.1f} ms in float32, {bf16_ms:.1f} ms in bfloat16" in decoder.why
-    assert decoder.describe().startswith(f"fast decoding: {str(expected)[6:]} weights (a step measured")
+    assert (decoder.dtype, decoder.backend) == (BF16, "c") and decoder.layers[0].w13.dtype == BF16
+    assert decoder.describe().startswith("fast decoding: bfloat16 weights on extras/step_kernels.c (a step measured")
+
+
+def test_without_the_c_kernels_pytorch_is_the_only_choice_and_asking_for_them_is_refused(monkeypatch):
+    monkeypatch.setattr(fd, "kernels_available", lambda: (False, "no C compiler found (set CC to one)"))
+    monkeypatch.setattr(fd, "choose_decoding", MEASURED_CHOICE)
+    model = tiny_model(**SHAPES["mha_tied"])
+    assert fd.usable_backends(model) == ("torch",)
+    with pytest.raises(ValueError, match="no C compiler"):
+        fd.FastDecoder(model, torch.float32, "c")
+    assert fd.choose_decoding(model, dtype=F32) == ((F32, "torch"), "the only choice here; extras/step_kernels.c: "
+                                                                  "no C compiler found (set CC to one)")
 
 
 @DAY2
 def test_step_timing_runs_real_steps_and_leaves_the_kernel_setting_alone():
     default = torch.backends.mkldnn.enabled
-    seconds = fd.time_dtypes(tiny_model(**SHAPES["gqa_untied"]), rounds=1)
-    assert set(seconds) == {torch.float32, torch.bfloat16} and all(s > 0 for s in seconds.values())
+    model = tiny_model(**SHAPES["gqa_untied"])
+    candidates = [(d, b) for d in (F32, BF16) for b in fd.usable_backends(model)]
+    seconds = fd.time_candidates(model, candidates, rounds=1)
+    assert set(seconds) == set(candidates) and all(s > 0 for s in seconds.values())
     assert torch.backends.mkldnn.enabled == default
 
 
