@@ -629,11 +629,12 @@ def seed_everything(seed: int) -> None:
 
 # Presets fill in every flag the user did not give. "default" finishes in about 15 minutes on 2 CPU cores: on
 # 2,000 training images a small model wins at a fixed budget (it sees more epochs and has less to overfit with),
-# and MixUp/CutMix on half the batches keeps it from memorising them. Its conv stem (three stride-2 convolutions
-# for patches of 8) gives the small ViT the local features it would otherwise have to learn from those few
-# images (Xiao et al. 2021). Measurements: docs/ and the README.
+# and MixUp/CutMix on half the batches keeps it from memorising them. Its conv stem (four stride-2 convolutions
+# for patches of 16) gives the small ViT the local features it would otherwise have to learn from those few
+# images (Xiao et al. 2021), and at 96x96 pixels only 6x6 = 36 tokens: more pixels than 64x64 with 8x8 patches,
+# for less compute per image. Measurements: docs/results.md and the README.
 PRESETS: dict[str, dict] = {
-    "default": dict(image_size=64, patch_size=8, stem_channels=(24, 48, 96), dim=96, depth=4, n_heads=3,
+    "default": dict(image_size=96, patch_size=16, stem_channels=(16, 32, 64, 128), dim=96, depth=4, n_heads=3,
                     mlp_dim=192, dropout=0.0, attention_dropout=0.0, epochs=1000, time_budget=14.0, batch_size=64,
                     lr=5e-4, weight_decay=0.05, warmup=0.05, label_smoothing=0.1, augment="strong", mixup=0.8,
                     cutmix=1.0, mix_prob=0.5, cache_scale=1.25, tta=False, eval_every=4),

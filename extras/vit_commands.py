@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         m.add_argument(flag, type=int)
     m.add_argument("--stem-channels", type=stem_channels, metavar="C1,C2,...",
                    help="a convolutional stem: one 3x3 stride-2 convolution (with BatchNorm and ReLU) per entry, "
-                   "log2(patch size) of them, e.g. 24,48,96 for --patch-size 8; 'none': no stem, one "
+                   "log2(patch size) of them, e.g. 16,32,64,128 for --patch-size 16; 'none': no stem, one "
                    "patch-sized convolution")
     m.add_argument("--n-heads", "--heads", dest="n_heads", type=int)
     m.add_argument("--dropout", type=float)
@@ -119,7 +119,7 @@ def stem_channels(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(c) for c in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected channel counts separated by commas (e.g. 24,48,96) or "
+        raise argparse.ArgumentTypeError(f"expected channel counts separated by commas (e.g. 16,32,64,128) or "
                                          f"'none', got {text!r}") from None
 
 

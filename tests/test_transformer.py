@@ -189,11 +189,11 @@ def test_stem_channels_from_a_saved_config_become_a_tuple():
 
 
 @pytest.mark.parametrize("argv, expected", [
-    ([], (24, 48, 96)),  # the default preset has a stem
+    ([], (16, 32, 64, 128)),  # the default preset has a stem
     (["--preset", "smoke"], ()),
     (["--stem-channels", "none"], ()),
     (["--stem-channels", ""], ()),
-    (["--stem-channels", "16,32,64"], (16, 32, 64)),
+    (["--patch-size", "8", "--stem-channels", "16,32,64"], (16, 32, 64)),
     (["--patch-size", "4", "--stem-channels", "16,32"], (16, 32)),
 ])
 def test_stem_channels_flag_takes_comma_separated_channels_or_none(argv, expected):
