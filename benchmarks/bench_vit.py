@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import transformer as T  # noqa: E402
+from extras import vit_commands  # noqa: E402
 from machine import describe_machine, print_header, write_json  # noqa: E402
 
 
@@ -66,8 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=preset["batch_size"])
     p.add_argument("--image-size", type=int, default=preset["image_size"])
     p.add_argument("--patch-size", type=int, default=preset["patch_size"])
-    p.add_argument("--stem-channels", type=lambda text: tuple(int(c) for c in text.split(",") if c),
-                   default=preset["stem_channels"], help="comma-separated; '' for the single patch projection")
+    p.add_argument("--stem-channels", type=vit_commands.stem_channels, default=preset["stem_channels"],
+                   help="as transformer.py's: comma-separated, or 'none' for the single patch projection")
     p.add_argument("--dim", type=int, default=preset["dim"])
     p.add_argument("--depth", type=int, default=preset["depth"])
     p.add_argument("--n-heads", type=int, default=preset["n_heads"])
