@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a convolutional stem: one 3x3 stride-2 convolution (with BatchNorm and ReLU) per entry, "
                    "log2(patch size) of them, e.g. 16,32,64,128 for --patch-size 16; 'none': no stem, one "
                    "patch-sized convolution")
+    m.add_argument("--pool", choices=transformer.POOLS, help="what the head classifies: cls, a class token (ViT); "
+                   "seq, sequence pooling, an attention-weighted mean of the tokens (CCT)")
     m.add_argument("--n-heads", "--heads", dest="n_heads", type=int)
     m.add_argument("--dropout", type=float)
     m.add_argument("--attention-dropout", type=float)
@@ -70,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=trainkit.PRECISIONS, default="auto",
                    help="autocast precision. auto: on CUDA bf16 from compute capability 8.0, fp16 with loss "
                         "scaling on 7.x; on a CPU whichever of fp32 and bf16 measures faster; fp32 on MPS")
-    t.add_argument("--compile", action="store_true", help="torch.compile the training forward/backward")
+    t.add_argument("--compile", nargs="?", const="on", choices=trainkit.COMPILE_MODES,
+                   help="torch.compile the training forward and backward: on, off, or auto (compile, time compiled "
+                        "against eager steps during the first steps of training, keep the faster; eager where "
+                        "torch.compile fails). --compile alone: on")
     t.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

@@ -6,6 +6,7 @@
     runs          stopping after the step on Ctrl-C or SIGTERM, atomic checkpoints, resuming exactly
     pictures      loss and accuracy curves, attention maps: PNGs written atomically
     training      TrainStep: autocast, fp16 loss scaling, DDP and clipping around the optimizer step
+    compiling     whether the training step runs through torch.compile, chosen by measuring
     kernels       which matmul kernels a decoding step runs on, chosen by measuring
     losses        the chunked cross-entropy of large vocabularies
 
@@ -19,6 +20,7 @@ from trainkit.distributed import (EpochSampler, all_reduce, gather_rows, init_di
                                   shard_rows, sync_gradients, teardown_distributed, world_size, wrap_ddp)
 from trainkit.precision import PRECISIONS, Precision, choose_precision  # noqa: F401
 from trainkit.training import TrainStep  # noqa: F401
+from trainkit.compiling import COMPILE_MODES, CompiledForward  # noqa: F401
 from trainkit.runs import (Budget, StopRequest, atomic_save, exit_code, last_checkpoint_path, read_checkpoint,  # noqa: F401
                            read_resume_state, rng_state, set_rng_state, stopped_note)
 from trainkit import kernels, losses, pictures  # noqa: F401,E402  (trainkit.pictures.smooth, ... after `import trainkit`)
