@@ -41,9 +41,6 @@ from trainkit import Precision
 # --------------------------------------------------------------------------------------------------------------
 
 
-POOLS = ("cls", "seq")  # what the head reads (ViTConfig.pool)
-
-
 @dataclass
 class ViTConfig:
     """Everything that fixes the shape of the model. `VisionTransformer(config)` builds exactly this."""
@@ -61,9 +58,6 @@ class ViTConfig:
     # (): one patch_size x patch_size projection; else a conv stem of 3x3 stride-2 convolutions with these output
     # channels (Xiao et al. 2021, see PatchEmbedding), which must halve the image down to patch_size exactly
     stem_channels: tuple[int, ...] = ()
-    # what the head reads: "cls", a learned class token (ViT); "seq", sequence pooling, an attention-weighted mean
-    # of the tokens (Compact Convolutional Transformers, Hassani et al. 2021)
-    pool: str = "cls"
 
     def __post_init__(self) -> None:
         # positive sizes, at least two classes, dropouts in [0, 1); then that the sizes fit together
@@ -82,8 +76,6 @@ class ViTConfig:
             raise ValueError(f"ViTConfig.stem_channels must be a tuple of positive integers, "
                              f"got {self.stem_channels!r}")
         self.stem_channels = tuple(self.stem_channels)  # a checkpoint's or metrics.json's config holds a list
-        if self.pool not in POOLS:
-            raise ValueError(f"ViTConfig.pool must be one of {POOLS}, got {self.pool!r}")
         if self.image_size % self.patch_size != 0:
             raise ValueError(f"ViTConfig: image_size {self.image_size} is not divisible by patch_size "
                              f"{self.patch_size}")
@@ -98,11 +90,6 @@ class ViTConfig:
     @property
     def n_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def n_tokens(self) -> int:
-        """The encoder's sequence length: the patches, and the class token when the head reads one."""
-        return self.n_patches + (self.pool == "cls")
 
 
 
@@ -219,20 +206,16 @@ class EncoderBlock(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT: patch tokens (+ a learned class token), plus learned position embeddings, through `depth` encoder
-    blocks, a final LayerNorm, and a linear head that reads the class token (pool "cls") or an attention-weighted
-    mean of all the tokens (pool "seq"). `forward(images)` returns logits."""
+    """ViT: patch tokens + a learned class token, plus learned position embeddings, through `depth` encoder
+    blocks, a final LayerNorm, and a linear head that reads the class token. `forward(images)` returns logits."""
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         self.config = config
         c = config
         self.patch_embedding = PatchEmbedding(c.patch_size, c.dim, c.in_channels, c.stem_channels)
-        if c.pool == "cls":
-            self.class_token = nn.Parameter(torch.zeros(1, 1, c.dim))
-        else:  # sequence pooling: one score per token, softmax over the tokens
-            self.seq_pool = nn.Linear(c.dim, 1)
-        self.pos_embedding = nn.Parameter(torch.zeros(1, c.n_tokens, c.dim))
+        self.class_token = nn.Parameter(torch.zeros(1, 1, c.dim))
+        self.pos_embedding = nn.Parameter(torch.zeros(1, c.n_patches + 1, c.dim))  # +1: the class token
         self.dropout = nn.Dropout(c.dropout)
         self.layers = nn.ModuleList(
             EncoderBlock(c.dim, c.n_heads, c.mlp_dim, c.dropout, c.attention_dropout) for _ in range(c.depth))
@@ -252,8 +235,7 @@ class VisionTransformer(nn.Module):
             if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):
                 module.reset_parameters()
         nn.init.trunc_normal_(self.pos_embedding, std=0.02)
-        if self.config.pool == "cls":
-            nn.init.zeros_(self.class_token)
+        nn.init.zeros_(self.class_token)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
@@ -264,21 +246,13 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"VisionTransformer expects images of shape (B, {c.in_channels}, {c.image_size}, "
                              f"{c.image_size}), got {tuple(images.shape)}")
         x = self.patch_embedding(images)  # (B, N, dim)
-        if c.pool == "cls":
-            x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N+1, dim)
-        x = self.dropout(x + self.pos_embedding)
+        cls = self.class_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.pos_embedding  # (B, N+1, dim)
+        x = self.dropout(x)
         for layer in self.layers:
             x = layer(x)
-        return self.head(self.pool(self.ln(x)))
-
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """The encoder's output (B, tokens, dim) -> one vector per image (B, dim), what the head classifies."""
-        if self.config.pool == "cls":
-            return x[:, 0]  # the class token only: it gathered what it needed through attention
-        # SeqPool (Hassani et al. 2021): weights w = softmax over the tokens of a learned score, output sum_i w_i x_i.
-        # All tokens reach the head, so none is spent on collecting; it starts as a plain mean (scores near 0).
-        weights = self.seq_pool(x).softmax(dim=1)  # (B, N, 1)
-        return (weights * x).sum(dim=1)
+        x = self.ln(x)
+        return self.head(x[:, 0])  # classify from the class token only
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -628,7 +602,7 @@ def train(config: ViTConfig, s: TrainConfig, pretrained: VisionTransformer | Non
     # Measured on rank 0 and used by all: every process must compute in the same precision.
     precision = trainkit.same_on_all(pick_precision(s.precision, device, config, local_batch))
     print(f"batch: {s.batch_size} images per step, {trainkit.world_size()} process(es) x "
-          f"{local_batch}\nmodel: {model.num_params() / 1e6:.2f}M parameters, {config.n_tokens} tokens, "
+          f"{local_batch}\nmodel: {model.num_params() / 1e6:.2f}M parameters, {config.n_patches + 1} tokens, "
           f"device {device.type}, {precision.name}, threads {torch.get_num_threads()}")
     # TrainStep: autocast, fp16 loss scaling, and under torchrun DDP averaging the gradients over the processes.
     step = trainkit.TrainStep(model.to(device), model.configure_optimizer(s.lr, s.weight_decay), precision, device,
@@ -678,17 +652,17 @@ def seed_everything(seed: int) -> None:
 # images (Xiao et al. 2021), and at 96x96 pixels only 6x6 = 36 tokens: more pixels than 64x64 with 8x8 patches,
 # for less compute per image. Measurements: docs/results.md and the README.
 PRESETS: dict[str, dict] = {
-    "default": dict(image_size=96, patch_size=16, stem_channels=(16, 32, 64, 128), pool="seq", dim=96, depth=4,
+    "default": dict(image_size=96, patch_size=16, stem_channels=(16, 32, 64, 128), dim=96, depth=4,
                     n_heads=3, mlp_dim=192, dropout=0.0, attention_dropout=0.0, epochs=1000, time_budget=14.0,
                     batch_size=64, lr=5e-4, weight_decay=0.05, warmup=0.05, label_smoothing=0.1, augment="strong",
                     mixup=0.8, cutmix=1.0, mix_prob=0.5, cache_scale=1.25, tta=False, eval_every=4, compile="auto"),
-    "smoke": dict(image_size=32, patch_size=8, stem_channels=(), pool="cls", dim=32, depth=1, n_heads=2, mlp_dim=64,
+    "smoke": dict(image_size=32, patch_size=8, stem_channels=(), dim=32, depth=1, n_heads=2, mlp_dim=64,
                   dropout=0.0, attention_dropout=0.0, epochs=1, time_budget=None, batch_size=8, lr=1e-3,
                   weight_decay=0.05, warmup=0.1, label_smoothing=0.1, augment="light", mixup=0.0, cutmix=0.0,
                   mix_prob=0.5, cache_scale=1.25, tta=False, eval_every=1, compile="off"),
     # --pretrained: the model's sizes come from the weights; epochs and lr from --finetune
     # (extras/vit_pretrained.py). A starting point, not tuned.
-    "finetune": dict(image_size=64, patch_size=8, stem_channels=(), pool="cls", dim=96, depth=4, n_heads=3, mlp_dim=192,
+    "finetune": dict(image_size=64, patch_size=8, stem_channels=(), dim=96, depth=4, n_heads=3, mlp_dim=192,
                      dropout=0.0, attention_dropout=0.0, time_budget=None, batch_size=32, weight_decay=0.05,
                      warmup=0.1, label_smoothing=0.1, augment="light", mixup=0.0, cutmix=0.0, mix_prob=0.5,
                      cache_scale=1.15, tta=False, eval_every=1, compile="off"),

@@ -1,6 +1,5 @@
-"""Looking inside transformer.py's ViT: where the class token (or the pooled tokens) attends, in the last block
-and through all of them (attention rollout), drawn over the images. Written after training (vit_attention.png)
-and by --predict.
+"""Looking inside transformer.py's ViT: where the class token attends, in the last block and through all of them
+(attention rollout), drawn over the images. Written after training (vit_attention.png) and by --predict.
 
 The maps are computed from each block's own W_q and W_k and the input its attention received, captured by a
 forward pre-hook; MultiHeadSelfAttention.forward is not asked for its weights, so the maps are the same however
@@ -76,34 +75,14 @@ def attention_rollout(attentions: list[torch.Tensor]) -> torch.Tensor:
     return rollout
 
 
-@torch.no_grad()
-def readout_weights(model: transformer.VisionTransformer, images: torch.Tensor) -> torch.Tensor:
-    """How much the vector the head classifies takes from each token of the encoder's output, (B, N) rows summing
-    to 1: the class token alone (pool "cls"), or sequence pooling's softmax weights (pool "seq")."""
-    n = model.config.n_tokens
-    if model.config.pool == "cls":
-        return F.one_hot(torch.zeros(len(images), dtype=torch.long, device=images.device), n).float()
-    captured = []
-    hook = model.ln.register_forward_hook(lambda module, args, out: captured.append(out.detach().float()))
-    try:
-        model.eval()
-        model(images)
-    finally:
-        hook.remove()
-    return model.seq_pool.float()(captured[0]).softmax(dim=1)[..., 0]
-
-
 def class_token_maps(model: transformer.VisionTransformer, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Where what the head reads attends, as (B, grid, grid) maps over the patches: in the last block (heads
-    averaged) and through all the blocks (rollout), as rows of attention weighted by readout_weights (the class
-    token's own row, or sequence pooling's mix of all rows). images: normalised floats, on the model's device."""
+    """Where the class token looks, as (B, grid, grid) maps over the patches: in the last block (heads
+    averaged) and through all the blocks (rollout). images: normalised floats, on the model's device."""
     attentions = attention_weights(model, images)
     grid = model.config.image_size // model.config.patch_size
-    readout = readout_weights(model, images)[:, None, :]  # (B, 1, N)
-    last = (readout @ attentions[-1].mean(dim=1))[:, 0, -grid * grid:]  # the patches' columns (not the class token)
-    rolled = (readout @ attention_rollout(attentions))[:, 0, -grid * grid:]
-    reader = "class token" if model.config.pool == "cls" else "pooled tokens"
-    return {f"{reader}, last block": last.reshape(-1, grid, grid).cpu(),
+    last = attentions[-1].mean(dim=1)[:, 0, 1:]  # the class token's row, without its weight on itself
+    rolled = attention_rollout(attentions)[:, 0, 1:]
+    return {"class token, last block": last.reshape(-1, grid, grid).cpu(),
             "attention rollout, all blocks": rolled.reshape(-1, grid, grid).cpu()}
 
 
@@ -111,7 +90,6 @@ def save_attention_picture(path: Path, model: transformer.VisionTransformer, ima
                            device: torch.device, title: str = "") -> Path:
     """Draws the class token's maps over uint8 images (B, 3, H, W) into a PNG: one row per image."""
     maps = class_token_maps(model, transformer.normalize(images.to(device)))
-    reader = "the class token attends" if model.config.pool == "cls" else "the pooled tokens attend"
-    title = (title + "; " if title else "") + f"bright: where {reader} most"
+    title = (title + "; " if title else "") + "bright: where the class token attends most"
     return trainkit.pictures.plot_attention_maps(path, images.cpu(), maps, titles, title)
 

@@ -200,6 +200,16 @@ def test_stem_channels_flag_takes_comma_separated_channels_or_none(argv, expecte
     assert T.model_config(T.parse_args(argv)).stem_channels == expected
 
 
+@pytest.mark.parametrize("argv, compile_mode", [
+    ([], "auto"),  # the default preset: torch.compile where it measures faster
+    (["--preset", "smoke"], "off"),
+    (["--compile", "off"], "off"),
+    (["--compile"], "on"),  # --compile alone, as before it took a value
+])
+def test_compile_flag_and_presets(argv, compile_mode):
+    assert T.train_config(T.parse_args(argv)).compile == compile_mode
+
+
 # ---------------------------------------------------------------------------------------------------- data
 
 
