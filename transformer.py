@@ -92,7 +92,6 @@ class ViTConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
-
 # --------------------------------------------------------------------------------------------------------------
 # Components
 # --------------------------------------------------------------------------------------------------------------
@@ -650,7 +649,8 @@ def seed_everything(seed: int) -> None:
 # and MixUp/CutMix on half the batches keeps it from memorising them. Its conv stem (four stride-2 convolutions
 # for patches of 16) gives the small ViT the local features it would otherwise have to learn from those few
 # images (Xiao et al. 2021), and at 96x96 pixels only 6x6 = 36 tokens: more pixels than 64x64 with 8x8 patches,
-# for less compute per image. Measurements: docs/results.md and the README.
+# for less compute per image. compile="auto": torch.compile where it builds and trains faster (trainkit/compiling.py).
+# Measurements: docs/results.md and the README.
 PRESETS: dict[str, dict] = {
     "default": dict(image_size=96, patch_size=16, stem_channels=(16, 32, 64, 128), dim=96, depth=4,
                     n_heads=3, mlp_dim=192, dropout=0.0, attention_dropout=0.0, epochs=1000, time_budget=14.0,
