@@ -1,6 +1,11 @@
 """Choosing between torch.compile and eager for the training step (trainkit/compiling.py): the schedule and the
-choice with the clock faked, the fall-back where torch.compile cannot build, and a real compile that trains the
-same weights as eager."""
+choice with the clock faked, the fall-back where torch.compile cannot build (also when it fails in one of two
+processes under torchrun), and a real compile that trains the same weights as eager."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,9 +79,9 @@ def test_off_never_compiles_and_on_never_times():
 @pytest.mark.parametrize("mode", ["auto", "on"])
 def test_a_failing_compile_falls_back_to_eager_and_says_why(mode, capsys):
     error = RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(a long traceback)")
-    forward, ran = drive({"compiled": 0.05, "eager": 0.1}, steps=4, compiled_fails=error, mode=mode)
-    assert ran == ["compiled", "eager", "eager", "eager", "eager"]  # tried once, then eager from that step on
-    assert forward.chosen == "eager"
+    forward, ran = drive({"compiled": 0.05, "eager": 0.1}, steps=10, compiled_fails=error, mode=mode)
+    assert ran == ["compiled"] + ["eager"] * 10  # tried once, then eager from that step on
+    assert forward.chosen == "eager"  # under auto, decided where the timing would have ended, by all processes
     assert capsys.readouterr().out.strip() == ("compile: off (torch.compile failed here, so the model runs eagerly: "
                                                "InvalidCxxCompiler: No working C++ compiler found)")
 
@@ -133,10 +138,45 @@ def test_real_compile_without_a_cpp_compiler_falls_back_to_eager(monkeypatch, ca
     forward = CompiledForward(model, "auto")
     out = forward(x)
     torch.testing.assert_close(out, model(x))
-    assert forward.chosen == "eager"
+    assert forward.failed  # every later step runs eagerly
     assert capsys.readouterr().out.startswith("compile: off (torch.compile failed here, so the model runs eagerly: ")
     torch._dynamo.reset()
 
 
 def test_the_modes_are_the_flags_choices():
     assert trainkit.COMPILE_MODES == ("auto", "on", "off")
+
+
+# Two processes under torchrun (gloo): compiling fails in rank 1 only, rank 0 compiles and finds it faster.
+TWO_PROCESSES = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import trainkit
+trainkit.init_distributed(torch.device("cpu"))
+rank, now = int(os.environ["RANK"]), [0.0]
+def compile_fn(model):
+    def compiled(x):
+        if rank == 1:
+            raise RuntimeError("no C++ compiler in this process")
+        return model(x)
+    return compiled
+forward = trainkit.CompiledForward(torch.nn.Identity(), "auto", trials=3, compile_fn=compile_fn, clock=lambda: now[0])
+for _ in range(10):
+    forward(torch.ones(1))
+    now[0] += 0.1
+print(rank, forward.chosen, forward.summary, flush=True)
+trainkit.teardown_distributed()
+"""
+
+
+def test_under_torchrun_a_compile_failing_in_one_process_makes_every_process_eager(tmp_path):
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESSES.format(root=str(Path(trainkit.__file__).parent.parent)))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = sorted(line for line in run.stdout.splitlines() if line[:2] in ("0 ", "1 "))
+    assert lines == ["0 eager compile: off (torch.compile failed in another process)",
+                     "1 eager compile: off (torch.compile failed here, so the model runs eagerly: "
+                     "no C++ compiler in this process)"]

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from trainkit.distributed import same_on_all
+from trainkit.distributed import all_reduce, same_on_all
 
 COMPILE_MODES = ("auto", "on", "off")
 
@@ -38,24 +38,24 @@ class CompiledForward:
         self.schedule = ["compiled", "eager"] + ["compiled", "eager"] * trials  # the first of each is not timed
         self.times: dict[str, list[float]] = {"eager": [], "compiled": []}
         self.calls, self.previous = 0, None  # calls so far; (which ran, when) at the last one
+        self.failed = False  # torch.compile raised: every step runs eagerly
         self.summary = "" if mode == "auto" else f"compile: {mode} (--compile {mode})"
 
     def __call__(self, *args, **kwargs):
         now = self.clock()
         if self.chosen is None:
-            if self.calls >= 3:  # the step before this call, timed; steps 0 and 1 warm each mode up (compiling)
+            if self.calls >= 3 and not self.failed:  # the step before this call; steps 0 and 1 warm each mode up
                 which, start = self.previous
                 self.times[which].append(now - start)
             if self.calls == len(self.schedule):
                 self._decide()
         which = self.chosen or self.schedule[self.calls]
-        if which == "compiled":
+        if which == "compiled" and not self.failed:
             try:
                 out = self.compiled(*args, **kwargs)
             except Exception as error:  # noqa: BLE001  torch.compile's failures have many types
                 out = self.model(*args, **kwargs)  # an error of the model itself is raised here, eagerly
                 self._give_up(error)
-                which = "eager"
         else:
             out = self.model(*args, **kwargs)
         self.calls += 1
@@ -63,7 +63,14 @@ class CompiledForward:
         return out
 
     def _decide(self) -> None:
-        """Keep the mode whose median step was shorter; rank 0's choice under torchrun."""
+        """Keep the mode whose median step was shorter: rank 0's choice under torchrun, and eager everywhere if
+        compiling failed in any process. Every process comes here at the same step (all train in lockstep)."""
+        if all_reduce([float(self.failed)], op="max")[0] > 0:
+            self.chosen = "eager"
+            if not self.failed:
+                self.summary = "compile: off (torch.compile failed in another process)"
+                print(self.summary, flush=True)
+            return
         eager, compiled = (statistics.median(self.times[k]) for k in ("eager", "compiled"))
         self.chosen = same_on_all("compiled" if compiled < eager else "eager")
         self.summary = (f"compile: {'on' if self.chosen == 'compiled' else 'off'} (a compiled training step "
@@ -71,7 +78,11 @@ class CompiledForward:
         print(self.summary, flush=True)
 
     def _give_up(self, error: Exception) -> None:
+        """torch.compile failed: eager from now on. Under "auto" the choice is still made at the end of the timed
+        steps, where every process learns that one failed."""
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        self.chosen = "eager"
+        self.failed = True
+        if self.mode == "on":
+            self.chosen = "eager"
         self.summary = f"compile: off (torch.compile failed here, so the model runs eagerly: {reason})"
         print(self.summary, flush=True)
