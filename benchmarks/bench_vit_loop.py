@@ -69,10 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     machine = describe_machine("cpu")
     print_header(machine)
 
-    preset = T.PRESETS["default"]
-    s = T.TrainConfig(**{k: v for k, v in preset.items() if k in T.TrainConfig.__dataclass_fields__})
-    s = replace(s, data_dir=args.data_dir, compile=args.compile)
-    config = T.ViTConfig(**{k: v for k, v in preset.items() if k in T.ViTConfig.__dataclass_fields__})
+    # the configs transformer.py builds from these flags and the default preset
+    flags = T.parse_args(["--compile", args.compile] + (["--data-dir", args.data_dir] if args.data_dir else []))
+    s, config = T.train_config(flags), T.model_config(flags)
     torch.manual_seed(0)
     if args.data_dir:
         data = T.load_data(s, config.image_size)

@@ -32,14 +32,14 @@ class CompiledForward:
                  clock=time.perf_counter) -> None:
         if mode not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
-        self.model, self.mode, self.trials, self.clock = model, mode, trials, clock
+        self.model, self.mode, self.clock = model, mode, clock
         self.compiled = compile_fn(model) if mode != "off" else None
         self.chosen = {"off": "eager", "on": "compiled", "auto": None}[mode]  # None: still timing
         self.schedule = ["compiled", "eager"] + ["compiled", "eager"] * trials  # the first of each is not timed
         self.times: dict[str, list[float]] = {"eager": [], "compiled": []}
         self.calls, self.previous = 0, None  # calls so far; (which ran, when) at the last one
         self.failed = False  # torch.compile raised: every step runs eagerly
-        self.summary = "" if mode == "auto" else f"compile: {mode} (--compile {mode})"
+        self.summary = ""  # the line printed when "auto" chose or torch.compile failed
 
     def __call__(self, *args, **kwargs):
         now = self.clock()
