@@ -58,8 +58,6 @@ class ViTConfig:
     # (): one patch_size x patch_size projection; else a conv stem of 3x3 stride-2 convolutions with these output
     # channels (Xiao et al. 2021, see PatchEmbedding), which must halve the image down to patch_size exactly
     stem_channels: tuple[int, ...] = ()
-    # a depthwise 3x3 convolution over the patch grid inside each MLP (LocalViT, Li et al. 2021; see MLP)
-    mlp_dwconv: bool = False
 
     def __post_init__(self) -> None:
         # positive sizes, at least two classes, dropouts in [0, 1); then that the sizes fit together
@@ -78,8 +76,6 @@ class ViTConfig:
             raise ValueError(f"ViTConfig.stem_channels must be a tuple of positive integers, "
                              f"got {self.stem_channels!r}")
         self.stem_channels = tuple(self.stem_channels)  # a checkpoint's or metrics.json's config holds a list
-        if not isinstance(self.mlp_dwconv, bool):
-            raise ValueError(f"ViTConfig.mlp_dwconv must be True or False, got {self.mlp_dwconv!r}")
         if self.image_size % self.patch_size != 0:
             raise ValueError(f"ViTConfig: image_size {self.image_size} is not divisible by patch_size "
                              f"{self.patch_size}")
@@ -166,34 +162,17 @@ class MultiHeadSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward network: Linear(dim, mlp_dim) -> GELU -> Linear(mlp_dim, dim).
+    """Position-wise feed-forward network: Linear(dim, mlp_dim) -> GELU -> Linear(mlp_dim, dim)."""
 
-    With dwconv, a depthwise 3x3 convolution over the patch grid (then a GELU) follows the first GELU: each
-    patch's hidden features also mix with those of its 8 neighbours, one 3x3 kernel per channel. That is the
-    locality LocalViT (Li et al., 2021) and CeiT's LeFF add to a ViT's feed-forward network, a CNN's prior for a
-    few thousand parameters, which pays on a small data set. The class token (token 0) has no place in the grid
-    and skips the convolution (so in the last block, whose patch tokens the head does not read, it changes nothing).
-    """
-
-    def __init__(self, dim: int, mlp_dim: int, dropout: float = 0.0, dwconv: bool = False) -> None:
+    def __init__(self, dim: int, mlp_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, mlp_dim)
         self.fc2 = nn.Linear(mlp_dim, dim)
-        self.dwconv = nn.Conv2d(mlp_dim, mlp_dim, kernel_size=3, padding=1, groups=mlp_dim) if dwconv else None
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.gelu(self.fc1(x))  # exact (erf) GELU, as in the ViT paper and torchvision
-        if self.dwconv is not None:
-            h = torch.cat([h[:, :1], self.local(h[:, 1:])], dim=1)
-        return self.dropout(self.fc2(self.dropout(h)))
-
-    def local(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, N, C) patch features, row-major on a sqrt(N) x sqrt(N) grid -> the same after the depthwise conv."""
-        B, N, C = h.shape
-        side = math.isqrt(N)
-        grid = h.transpose(1, 2).reshape(B, C, side, side)
-        return F.gelu(self.dwconv(grid)).flatten(2).transpose(1, 2)
+        # exact (erf) GELU, as in the ViT paper and torchvision
+        return self.dropout(self.fc2(self.dropout(F.gelu(self.fc1(x)))))
 
 
 class EncoderBlock(nn.Module):
@@ -204,13 +183,13 @@ class EncoderBlock(nn.Module):
     """
 
     def __init__(self, dim: int, n_heads: int, mlp_dim: int, dropout: float = 0.0,
-                 attention_dropout: float = 0.0, mlp_dwconv: bool = False) -> None:
+                 attention_dropout: float = 0.0) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(dim, eps=1e-6)  # eps 1e-6 as in the original ViT and torchvision
         self.self_attention = MultiHeadSelfAttention(dim, n_heads, attention_dropout)
         self.dropout = nn.Dropout(dropout)
         self.ln_2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = MLP(dim, mlp_dim, dropout, mlp_dwconv)
+        self.mlp = MLP(dim, mlp_dim, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, dim) -> (B, N, dim)."""
@@ -238,8 +217,7 @@ class VisionTransformer(nn.Module):
         self.pos_embedding = nn.Parameter(torch.zeros(1, c.n_patches + 1, c.dim))  # +1: the class token
         self.dropout = nn.Dropout(c.dropout)
         self.layers = nn.ModuleList(
-            EncoderBlock(c.dim, c.n_heads, c.mlp_dim, c.dropout, c.attention_dropout, c.mlp_dwconv)
-            for _ in range(c.depth))
+            EncoderBlock(c.dim, c.n_heads, c.mlp_dim, c.dropout, c.attention_dropout) for _ in range(c.depth))
         self.ln = nn.LayerNorm(c.dim, eps=1e-6)
         self.head = nn.Linear(c.dim, c.num_classes)
         self.reset_parameters()
@@ -251,8 +229,7 @@ class VisionTransformer(nn.Module):
             nn.init.trunc_normal_(module.weight, std=0.02)
             nn.init.zeros_(module.bias)
         # The conv stem keeps PyTorch's defaults, the init ReLU networks are made for: Kaiming-uniform kernels
-        # (without bias), BatchNorm scales 1 and shifts 0, fresh running statistics. The MLPs' depthwise
-        # convolutions keep the defaults they were built with, like a CNN's.
+        # (without bias), BatchNorm scales 1 and shifts 0, fresh running statistics.
         for module in self.patch_embedding.stem.modules():
             if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):
                 module.reset_parameters()
@@ -672,25 +649,23 @@ def seed_everything(seed: int) -> None:
 # and MixUp/CutMix on half the batches keeps it from memorising them. Its conv stem (four stride-2 convolutions
 # for patches of 16) gives the small ViT the local features it would otherwise have to learn from those few
 # images (Xiao et al. 2021), and at 96x96 pixels only 6x6 = 36 tokens: more pixels than 64x64 with 8x8 patches,
-# for less compute per image. The depthwise convolution in each MLP (mlp_dwconv, LocalViT) keeps that locality
-# inside the blocks too. compile="auto": torch.compile where it builds and trains faster (trainkit/compiling.py).
+# for less compute per image. compile="auto": torch.compile where it builds and trains faster (trainkit/compiling.py).
 # Measurements: docs/results.md and the README.
 PRESETS: dict[str, dict] = {
     "default": dict(image_size=96, patch_size=16, stem_channels=(16, 32, 64, 128), dim=96, depth=4,
-                    n_heads=3, mlp_dim=192, mlp_dwconv=True, dropout=0.0, attention_dropout=0.0, epochs=1000,
-                    time_budget=14.0, batch_size=64, lr=5e-4, weight_decay=0.05, warmup=0.05, label_smoothing=0.1,
-                    augment="strong", mixup=0.8, cutmix=1.0, mix_prob=0.5, cache_scale=1.25, tta=False,
-                    eval_every=4, compile="auto"),
+                    n_heads=3, mlp_dim=192, dropout=0.0, attention_dropout=0.0, epochs=1000, time_budget=14.0,
+                    batch_size=64, lr=5e-4, weight_decay=0.05, warmup=0.05, label_smoothing=0.1, augment="strong",
+                    mixup=0.8, cutmix=1.0, mix_prob=0.5, cache_scale=1.25, tta=False, eval_every=4, compile="auto"),
     "smoke": dict(image_size=32, patch_size=8, stem_channels=(), dim=32, depth=1, n_heads=2, mlp_dim=64,
-                  mlp_dwconv=False, dropout=0.0, attention_dropout=0.0, epochs=1, time_budget=None, batch_size=8,
-                  lr=1e-3, weight_decay=0.05, warmup=0.1, label_smoothing=0.1, augment="light", mixup=0.0,
-                  cutmix=0.0, mix_prob=0.5, cache_scale=1.25, tta=False, eval_every=1, compile="off"),
+                  dropout=0.0, attention_dropout=0.0, epochs=1, time_budget=None, batch_size=8, lr=1e-3,
+                  weight_decay=0.05, warmup=0.1, label_smoothing=0.1, augment="light", mixup=0.0, cutmix=0.0,
+                  mix_prob=0.5, cache_scale=1.25, tta=False, eval_every=1, compile="off"),
     # --pretrained: the model's sizes come from the weights; epochs and lr from --finetune
     # (extras/vit_pretrained.py). A starting point, not tuned.
     "finetune": dict(image_size=64, patch_size=8, stem_channels=(), dim=96, depth=4, n_heads=3, mlp_dim=192,
-                     mlp_dwconv=False, dropout=0.0, attention_dropout=0.0, time_budget=None, batch_size=32,
-                     weight_decay=0.05, warmup=0.1, label_smoothing=0.1, augment="light", mixup=0.0, cutmix=0.0,
-                     mix_prob=0.5, cache_scale=1.15, tta=False, eval_every=1, compile="off"),
+                     dropout=0.0, attention_dropout=0.0, time_budget=None, batch_size=32, weight_decay=0.05,
+                     warmup=0.1, label_smoothing=0.1, augment="light", mixup=0.0, cutmix=0.0, mix_prob=0.5,
+                     cache_scale=1.15, tta=False, eval_every=1, compile="off"),
 }
 
 

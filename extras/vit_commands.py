@@ -40,8 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a convolutional stem: one 3x3 stride-2 convolution (with BatchNorm and ReLU) per entry, "
                    "log2(patch size) of them, e.g. 16,32,64,128 for --patch-size 16; 'none': no stem, one "
                    "patch-sized convolution")
-    m.add_argument("--mlp-dwconv", action=argparse.BooleanOptionalAction, default=None,
-                   help="a depthwise 3x3 convolution over the patch grid inside each block's MLP (LocalViT)")
     m.add_argument("--n-heads", "--heads", dest="n_heads", type=int)
     m.add_argument("--dropout", type=float)
     m.add_argument("--attention-dropout", type=float)

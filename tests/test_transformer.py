@@ -138,33 +138,14 @@ def test_output_shape_is_batch_by_classes_for_batch_1_and_many(batch):
     assert torch.isfinite(logits).all()
 
 
-def test_mlp_dwconv_matches_weighted_sums_of_each_patchs_neighbours_and_leaves_the_class_token_alone():
-    # LocalViT's depthwise 3x3 convolution written out: each hidden channel of each patch is its bias plus its
-    # kernel's weights times the same channel of the patch and its 8 neighbours (zeros beyond the grid's edge).
-    torch.manual_seed(0)
-    mlp = T.MLP(dim=8, mlp_dim=6, dwconv=True)
-    x = torch.randn(2, 1 + 4 * 4, 8)  # a class token, then a 4 x 4 grid of patches in row-major order
-    h = F.gelu(mlp.fc1(x))
-    grid = F.pad(h[:, 1:].reshape(2, 4, 4, 6), (0, 0, 1, 1, 1, 1))  # (B, row, column, channel), padded by one
-    w = mlp.dwconv.weight[:, 0]  # (channel, 3, 3)
-    conv = mlp.dwconv.bias + sum(w[:, dy, dx] * grid[:, dy:dy + 4, dx:dx + 4] for dy in range(3) for dx in range(3))
-    expected = mlp.fc2(torch.cat([h[:, :1], F.gelu(conv).reshape(2, 16, 6)], dim=1))
-    torch.testing.assert_close(mlp(x), expected)
-    torch.testing.assert_close(mlp(x)[:, 0], mlp.fc2(F.gelu(mlp.fc1(x[:, 0]))))  # the class token: a plain MLP
-    assert T.MLP(8, 6).dwconv is None  # off by default: the MLP of ViT and torchvision
-
-
 @needs_all
-@pytest.mark.parametrize("mlp_dwconv", [False, True])
-def test_every_parameter_receives_a_gradient(mlp_dwconv):
+def test_every_parameter_receives_a_gradient():
     torch.manual_seed(0)
-    model = T.VisionTransformer(small_config(mlp_dwconv=mlp_dwconv))
+    model = T.VisionTransformer(small_config())
     nn.init.normal_(model.head.weight, std=0.02)  # the zero-initialised head would block gradients to the rest
     F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    # the head reads the class token alone, which skips the convolution: the last block's changes nothing
-    last_dwconv = ["layers.1.mlp.dwconv.weight", "layers.1.mlp.dwconv.bias"] if mlp_dwconv else []
-    assert missing == last_dwconv
+    assert missing == []
 
 
 def test_conv_stem_keeps_pytorchs_default_init_and_the_projection_its_truncated_normal():
@@ -196,7 +177,6 @@ def test_wrong_image_size_is_a_clear_error_like_torchvision():
     (dict(stem_channels=(8, 8)), r"halves the image 2 times, to patches of 4 pixels, but patch_size is 8"),
     (dict(stem_channels=(8, 0, 8)), "stem_channels must be a tuple of positive integers"),
     (dict(stem_channels=8), "stem_channels must be a tuple of positive integers"),
-    (dict(mlp_dwconv="yes"), "mlp_dwconv must be True or False"),
 ])
 def test_config_validation_raises_clear_valueerror(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -218,16 +198,6 @@ def test_stem_channels_from_a_saved_config_become_a_tuple():
 ])
 def test_stem_channels_flag_takes_comma_separated_channels_or_none(argv, expected):
     assert T.model_config(T.parse_args(argv)).stem_channels == expected
-
-
-@pytest.mark.parametrize("argv, mlp_dwconv", [
-    ([], True),  # the default preset has LocalViT's depthwise convolution in its MLPs
-    (["--preset", "smoke"], False),
-    (["--no-mlp-dwconv"], False),
-    (["--preset", "smoke", "--mlp-dwconv"], True),
-])
-def test_mlp_dwconv_flag_and_presets(argv, mlp_dwconv):
-    assert T.model_config(T.parse_args(argv)).mlp_dwconv is mlp_dwconv
 
 
 @pytest.mark.parametrize("argv, compile_mode", [
@@ -329,17 +299,16 @@ def test_main_smoke_writes_metrics_checkpoint_and_grid(trained):
 
 
 @needs_all
-def test_checkpoint_with_a_conv_stem_and_mlp_dwconv_loads_back_with_both_and_the_running_statistics(
-        image_folder, tmp_path, capsys):
+def test_checkpoint_with_a_conv_stem_loads_back_with_the_stem_and_its_running_statistics(image_folder, tmp_path,
+                                                                                         capsys):
     from extras.vit_commands import load_checkpoint
 
-    assert T.main(["--data-dir", str(image_folder), "--preset", "smoke", "--stem-channels", "4,8,8", "--mlp-dwconv",
-                   "--output-dir", str(tmp_path), "--quiet"]) == 0
+    assert T.main(["--data-dir", str(image_folder), "--preset", "smoke", "--stem-channels", "4,8,8", "--output-dir",
+                   str(tmp_path), "--quiet"]) == 0
     path = tmp_path / "vit_cats_vs_dogs.pth"
     saved = torch.load(path, weights_only=True)
     model, class_names = load_checkpoint(path, torch.device("cpu"))
     assert model.config.stem_channels == (4, 8, 8) and class_names == ["cats", "dogs"]
-    assert model.config.mlp_dwconv and all(isinstance(block.mlp.dwconv, nn.Conv2d) for block in model.layers)
     assert [type(m).__name__ for m in model.patch_embedding.stem][:3] == ["Conv2d", "BatchNorm2d", "ReLU"]
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, saved["model"][name]), name
