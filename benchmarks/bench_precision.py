@@ -71,7 +71,7 @@ def vit_step(precision: trainkit.Precision, device: torch.device, seed: int = 0)
     preset = T.PRESETS["default"]
     torch.manual_seed(seed)
     config = T.ViTConfig(**{k: preset[k] for k in ("image_size", "patch_size", "dim", "depth", "n_heads", "mlp_dim",
-                                                   "dropout", "attention_dropout")})
+                                                   "stem_channels", "dropout", "attention_dropout")})
     model = T.VisionTransformer(config).to(device).train()
     optimizer = model.configure_optimizer(preset["lr"], preset["weight_decay"])
     scaler = precision.grad_scaler()
