@@ -646,13 +646,14 @@ def seed_everything(seed: int) -> None:
 
 # Presets fill in every flag the user did not give. "default" finishes in about 15 minutes on 2 CPU cores: on
 # 2,000 training images a small model wins at a fixed budget (it sees more epochs and has less to overfit with),
-# and MixUp/CutMix on half the batches keeps it from memorising them. Its conv stem (four stride-2 convolutions
-# for patches of 16) gives the small ViT the local features it would otherwise have to learn from those few
-# images (Xiao et al. 2021), and at 96x96 pixels only 6x6 = 36 tokens: more pixels than 64x64 with 8x8 patches,
-# for less compute per image. compile="auto": torch.compile where it builds and trains faster (trainkit/compiling.py).
+# and MixUp/CutMix on half the batches keeps it from memorising them. Its conv stem (five stride-2 convolutions
+# for patches of 32) gives the small ViT the local features it would otherwise have to learn from those few
+# images (Xiao et al. 2021); at 128x128 pixels that leaves 4x4 = 16 tokens, each a 32x32 region the convolutions
+# have summarised, for the blocks to relate (the ViT paper's hybrid: a transformer on a CNN's feature map).
+# compile="auto": torch.compile where it builds and trains faster (trainkit/compiling.py).
 # Measurements: docs/results.md and the README.
 PRESETS: dict[str, dict] = {
-    "default": dict(image_size=96, patch_size=16, stem_channels=(16, 32, 64, 128), dim=96, depth=4,
+    "default": dict(image_size=128, patch_size=32, stem_channels=(16, 32, 64, 128, 256), dim=96, depth=4,
                     n_heads=3, mlp_dim=192, dropout=0.0, attention_dropout=0.0, epochs=1000, time_budget=14.0,
                     batch_size=64, lr=5e-4, weight_decay=0.05, warmup=0.05, label_smoothing=0.1, augment="strong",
                     mixup=0.8, cutmix=1.0, mix_prob=0.5, cache_scale=1.25, tta=False, eval_every=4, compile="auto"),

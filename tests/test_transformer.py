@@ -189,7 +189,7 @@ def test_stem_channels_from_a_saved_config_become_a_tuple():
 
 
 @pytest.mark.parametrize("argv, expected", [
-    ([], (16, 32, 64, 128)),  # the default preset has a stem
+    ([], (16, 32, 64, 128, 256)),  # the default preset has a stem
     (["--preset", "smoke"], ()),
     (["--stem-channels", "none"], ()),
     (["--stem-channels", ""], ()),
