@@ -70,8 +70,7 @@ def vit_step(precision: trainkit.Precision, device: torch.device, seed: int = 0)
     """One training step of transformer.py's default preset (without the data augmentation, the same in both)."""
     preset = T.PRESETS["default"]
     torch.manual_seed(seed)
-    config = T.ViTConfig(**{k: preset[k] for k in ("image_size", "patch_size", "dim", "depth", "n_heads", "mlp_dim",
-                                                   "stem_channels", "dropout", "attention_dropout")})
+    config = T.model_config(T.parse_args([]))  # the default preset's model, built as a run builds it
     model = T.VisionTransformer(config).to(device).train()
     optimizer = model.configure_optimizer(preset["lr"], preset["weight_decay"])
     scaler = precision.grad_scaler()
