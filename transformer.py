@@ -289,8 +289,9 @@ class ImageCache:
         return len(self.labels)
 
 
-def decode_image(source: object, size: int):
-    """Any image (path, bytes or PIL) -> RGB uint8 tensor (3, size, size): short side resized, centre cropped.
+def decode_image(source: object, size: int, crop: float = 1.0):
+    """Any image (path, bytes or PIL) -> RGB uint8 tensor (3, size, size): the centre square of `crop` of the
+    short side, resized to size (crop 0.875: torchvision's resize to 256 and centre crop of 224).
 
     Grayscale, palette, RGBA and CMYK all go through convert("RGB"). Raises OSError/ValueError when unreadable."""
     from PIL import Image, ImageOps
@@ -303,7 +304,8 @@ def decode_image(source: object, size: int):
         img = source
     if getattr(img, "format", None) == "JPEG":
         img.draft("RGB", (size * 2, size * 2))  # let libjpeg decode at 1/2..1/8 scale: several times faster
-    img = ImageOps.fit(img.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
+    # bleed trims (1 - crop) / 2 of the image from each edge; fit then centre-crops the long side to a square
+    img = ImageOps.fit(img.convert("RGB"), (size, size), Image.Resampling.BICUBIC, bleed=(1 - crop) / 2)
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
 
 
@@ -445,6 +447,7 @@ class TrainConfig:
     cutmix: float = 0.0  # CutMix's alpha (0: off)
     mix_prob: float = 0.5  # the share of batches that get MixUp or CutMix
     cache_scale: float = 1.25  # training images are cached larger, so random crops have pixels to choose from
+    eval_crop: float = 1.0  # validation images: the centre of this share of the short side (decode_image)
     tta: bool = False  # evaluate on each image and its mirror image
     eval_every: int = 1  # validate after every this many epochs (and after the last)
     seed: int = 0
@@ -518,7 +521,8 @@ class Data:
 
 
 def load_data(s: TrainConfig, image_size: int) -> Data:
-    """Both splits decoded once; training images at image_size * cache_scale, for the random crops."""
+    """Both splits decoded once: training images at image_size * cache_scale, for the random crops; validation
+    images zoomed in to their centre (eval_crop), as large as the random crops made the objects in training."""
     from extras import vit_data  # decodes a split with decode_image, skipping (and counting) unreadable files
 
     t0 = time.perf_counter()
@@ -527,7 +531,8 @@ def load_data(s: TrainConfig, image_size: int) -> Data:
             s.data_dir, s.dataset, s.val_fraction, s.seed, s.max_train_samples)
     cache_size = max(image_size, round(image_size * s.cache_scale))
     data = Data(vit_data.cache_split(train_ds, image_col, label_col, cache_size, "train"),
-                vit_data.cache_split(val_ds, image_col, label_col, image_size, "validation"), class_names)
+                vit_data.cache_split(val_ds, image_col, label_col, image_size, "validation", s.eval_crop),
+                class_names)
     data.seconds = time.perf_counter() - t0
     print(f"data: {len(data.train)} train / {len(data.val)} validation images, classes {class_names}, "
           f"{data.train.skipped + data.val.skipped} unreadable files skipped, decoded in {data.seconds:.1f}s")
@@ -650,23 +655,27 @@ def seed_everything(seed: int) -> None:
 # for patches of 32) gives the small ViT the local features it would otherwise have to learn from those few
 # images (Xiao et al. 2021); at 128x128 pixels that leaves 4x4 = 16 tokens, each a 32x32 region the convolutions
 # have summarised, for the blocks to relate (the ViT paper's hybrid: a transformer on a CNN's feature map).
+# Validation sees each image as torchvision evaluates ImageNet models: zoomed in to its centre 87.5% (random
+# crops made the objects in training larger than in the whole image; Touvron et al. 2019, "Fixing the train-test
+# resolution discrepancy"), and with its mirror image (tta).
 # compile="auto": torch.compile where it builds and trains faster (trainkit/compiling.py).
 # Measurements: docs/results.md and the README.
 PRESETS: dict[str, dict] = {
     "default": dict(image_size=128, patch_size=32, stem_channels=(16, 32, 64, 128, 256), dim=96, depth=4,
                     n_heads=3, mlp_dim=192, dropout=0.0, attention_dropout=0.0, epochs=1000, time_budget=14.0,
                     batch_size=64, lr=5e-4, weight_decay=0.05, warmup=0.05, label_smoothing=0.1, augment="strong",
-                    mixup=0.8, cutmix=1.0, mix_prob=0.5, cache_scale=1.25, tta=False, eval_every=4, compile="auto"),
+                    mixup=0.8, cutmix=1.0, mix_prob=0.5, cache_scale=1.25, eval_crop=0.875, tta=True, eval_every=4,
+                    compile="auto"),
     "smoke": dict(image_size=32, patch_size=8, stem_channels=(), dim=32, depth=1, n_heads=2, mlp_dim=64,
                   dropout=0.0, attention_dropout=0.0, epochs=1, time_budget=None, batch_size=8, lr=1e-3,
                   weight_decay=0.05, warmup=0.1, label_smoothing=0.1, augment="light", mixup=0.0, cutmix=0.0,
-                  mix_prob=0.5, cache_scale=1.25, tta=False, eval_every=1, compile="off"),
+                  mix_prob=0.5, cache_scale=1.25, eval_crop=0.875, tta=True, eval_every=1, compile="off"),
     # --pretrained: the model's sizes come from the weights; epochs and lr from --finetune
     # (extras/vit_pretrained.py). A starting point, not tuned.
     "finetune": dict(image_size=64, patch_size=8, stem_channels=(), dim=96, depth=4, n_heads=3, mlp_dim=192,
                      dropout=0.0, attention_dropout=0.0, time_budget=None, batch_size=32, weight_decay=0.05,
                      warmup=0.1, label_smoothing=0.1, augment="light", mixup=0.0, cutmix=0.0, mix_prob=0.5,
-                     cache_scale=1.15, tta=False, eval_every=1, compile="off"),
+                     cache_scale=1.15, eval_crop=1.0, tta=False, eval_every=1, compile="off"),
 }
 
 

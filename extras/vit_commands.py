@@ -65,8 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "so random crops have pixels to choose from")
     t.add_argument("--eval-every", type=int, metavar="EPOCHS", help="validate after every this many epochs "
                    "(and after the last); validating takes time from training")
+    t.add_argument("--eval-crop", type=float, metavar="SHARE", help="validation, --eval-only and --predict images: "
+                   "the centre square of this share of the short side, resized to --image-size (0.875: "
+                   "torchvision's 224 of 256; 1: the whole short side)")
     t.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="evaluate on each image and its mirror image, averaging the logits")
+                   help="evaluate (and --predict) on each image and its mirror image, averaging the logits")
     t.add_argument("--precision", choices=trainkit.PRECISIONS, default="auto",
                    help="autocast precision. auto: on CUDA bf16 from compute capability 8.0, fp16 with loss "
                         "scaling on 7.x; on a CPU whichever of fp32 and bf16 measures faster; fp32 on MPS")
@@ -137,7 +140,8 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
               (0 <= args.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
               (0 < args.val_fraction < 1, "--val-fraction must be in (0, 1)"),
               (args.workers >= 0, "--workers must be >= 0"),
-              (args.cache_scale >= 1, "--cache-scale must be >= 1")]
+              (args.cache_scale >= 1, "--cache-scale must be >= 1"),
+              (0.5 < args.eval_crop <= 1, "--eval-crop must be in (0.5, 1]")]
     for ok, message in checks:
         if not ok:
             parser.error(message)
@@ -170,10 +174,10 @@ def predict(args: argparse.Namespace) -> int:
     shown, titles = [], []
     for path in args.predict:
         try:
-            image = transformer.decode_image(path, model.config.image_size).unsqueeze(0)
+            image = transformer.decode_image(path, model.config.image_size, args.eval_crop).unsqueeze(0)
         except (OSError, ValueError, SyntaxError) as e:
             raise UserError(f"cannot read image {path}: {e}") from None
-        probs = transformer.predict_logits(model, image, device, None)[0].softmax(-1)
+        probs = transformer.predict_logits(model, image, device, None, tta=args.tta)[0].softmax(-1)
         ranked = sorted(zip(class_names, probs.tolist()), key=lambda t: -t[1])
         print(f"{path}: " + "  ".join(f"{name} {p:.3f}" for name, p in ranked))
         if len(shown) < vit_attention.ATTENTION_MAX_PREDICT:
@@ -195,7 +199,7 @@ def eval_only(args: argparse.Namespace) -> int:
         args.data_dir, args.dataset, args.val_fraction, args.seed, args.max_train_samples)
     if data_classes != class_names:
         raise UserError(f"checkpoint classes {class_names} differ from the data's classes {data_classes}")
-    cache = vit_data.cache_split(val_ds, image_col, label_col, model.config.image_size, "validation")
+    cache = vit_data.cache_split(val_ds, image_col, label_col, model.config.image_size, "validation", args.eval_crop)
     precision = transformer.pick_precision(args.precision, device, model.config, args.batch_size)
     result = transformer.evaluate(model, cache, class_names, device, precision, tta=args.tta)
     print(f"validation accuracy {result['accuracy']:.4f} on {len(cache)} images ({cache.skipped} unreadable skipped)")

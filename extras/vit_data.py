@@ -83,8 +83,9 @@ def find_columns(splits, data_dir: str | None, dataset: str) -> tuple[str, str, 
     return image_cols[0], label_col, list(features[label_col].names)
 
 
-def cache_split(ds, image_col: str, label_col: str, size: int, desc: str) -> transformer.ImageCache:
-    """Decodes every image of a Hugging Face split once; unreadable files are skipped and counted."""
+def cache_split(ds, image_col: str, label_col: str, size: int, desc: str, crop: float = 1.0) -> transformer.ImageCache:
+    """Decodes every image of a Hugging Face split once (transformer.decode_image with this centre crop);
+    unreadable files are skipped and counted."""
     from datasets import Image as ImageFeature
     from tqdm.auto import tqdm
 
@@ -95,7 +96,7 @@ def cache_split(ds, image_col: str, label_col: str, size: int, desc: str) -> tra
         item = row[image_col]
         try:
             source = item["bytes"] if item.get("bytes") else item["path"]
-            images.append(transformer.decode_image(source, size))
+            images.append(transformer.decode_image(source, size, crop))
             labels.append(int(row[label_col]))
         except (OSError, ValueError, SyntaxError, TypeError, KeyError, AttributeError):
             skipped += 1  # corrupt, truncated or not an image at all

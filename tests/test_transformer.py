@@ -253,6 +253,35 @@ def test_decode_image_matches_pil_rgb_for_gray_rgba_cmyk(tmp_path):
         assert (out[:, 4, 4].int() - expected.int()).abs().max() <= 2, mode
 
 
+@pytest.mark.parametrize("crop", [1.0, 0.875, 0.6])
+def test_decode_image_centre_crop_is_torchvisions_resize_then_centre_crop(tmp_path, crop):
+    from torchvision.transforms.v2 import functional as TF
+
+    # a smooth picture whose red channel codes x and green codes y, so a misplaced crop shows in the values
+    x, y = torch.meshgrid(torch.arange(150.0), torch.arange(300.0), indexing="ij")
+    pixels = torch.stack([y / 299 * 255, x / 149 * 255, torch.full_like(x, 128)]).round().to(torch.uint8)
+    path = tmp_path / "wide.png"
+    TF.to_pil_image(pixels).save(path)
+    expected = TF.center_crop(TF.resize(TF.pil_to_tensor(Image.open(path)), round(48 / crop)), [48, 48])
+    out = T.decode_image(path, 48, crop)
+    assert out.shape == (3, 48, 48) and out.dtype == torch.uint8
+    diff = (out.int() - expected.int()).abs().max().item()
+    assert diff <= 4, f"decode_image(crop={crop}) differs from Resize({round(48 / crop)}) + CenterCrop(48) by {diff}"
+
+
+@needs_all
+def test_tta_averages_the_logits_of_each_image_and_its_left_right_mirror():
+    torch.manual_seed(0)
+    model = randomize_(T.VisionTransformer(T.ViTConfig(image_size=16, patch_size=4, dim=16, depth=1, n_heads=2,
+                                                       mlp_dim=32)))  # its head starts at zero: all logits 0
+    images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    plain = T.predict_logits(model, images, torch.device("cpu"))
+    mirrored = T.predict_logits(model, images.flip(3), torch.device("cpu"))  # columns reversed
+    torch.testing.assert_close(T.predict_logits(model, images, torch.device("cpu"), tta=True),
+                               (plain + mirrored) / 2)
+    assert not torch.allclose(plain, mirrored)  # the mirror matters to this model, so the check can fail
+
+
 def test_image_folder_loads_via_datasets_and_skips_the_corrupt_file(image_folder):
     train, val, image_col, label_col, classes = T.load_splits(**split_flags(data_args(image_folder)))
     assert classes == ["cats", "dogs"]
@@ -398,6 +427,7 @@ def bad_folders(root):
     (["--dim", "50", "--heads", "4"], "not divisible by n_heads"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--epochs", "many"], "invalid int value"),
+    (["--eval-crop", "1.2"], "--eval-crop must be in (0.5, 1]"),
     (["--stem-channels", "8,x"], "argument --stem-channels: expected channel counts separated by commas"),
     (["--stem-channels", "8,8"], "halves the image 2 times, to patches of 4 pixels, but patch_size is 8"),
 ])
