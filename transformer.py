@@ -401,7 +401,8 @@ class AugmentedImages(torch.utils.data.Dataset):
         u = torch.stack([torch.rand(N_RANDOM, generator=torch.Generator().manual_seed(
             (self.seed * 1_000_003 + epoch) * len(self) + i)) for epoch, i in keys])
         index = torch.tensor([i for _, i in keys])
-        return augment_images(self.cache.images[index], u, self.size, self.augment), self.cache.labels[index]
+        images = self.cache.images.index_select(0, index)  # whole rows: several times faster than images[index]
+        return augment_images(images, u, self.size, self.augment), self.cache.labels[index]
 
     def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.__getitems__([key])
@@ -664,7 +665,7 @@ PRESETS: dict[str, dict] = {
     "default": dict(image_size=128, patch_size=32, stem_channels=(16, 32, 64, 128, 256), dim=96, depth=4,
                     n_heads=3, mlp_dim=192, dropout=0.0, attention_dropout=0.0, epochs=1000, time_budget=14.0,
                     batch_size=64, lr=5e-4, weight_decay=0.05, warmup=0.05, label_smoothing=0.1, augment="strong",
-                    mixup=0.8, cutmix=1.0, mix_prob=0.5, cache_scale=1.25, eval_crop=0.875, tta=True, eval_every=4,
+                    mixup=0.8, cutmix=1.0, mix_prob=0.5, cache_scale=1.25, eval_crop=0.875, tta=True, eval_every=8,
                     compile="auto"),
     "smoke": dict(image_size=32, patch_size=8, stem_channels=(), dim=32, depth=1, n_heads=2, mlp_dim=64,
                   dropout=0.0, attention_dropout=0.0, epochs=1, time_budget=None, batch_size=8, lr=1e-3,
