@@ -656,9 +656,9 @@ def seed_everything(seed: int) -> None:
 # for patches of 32) gives the small ViT the local features it would otherwise have to learn from those few
 # images (Xiao et al. 2021); at 128x128 pixels that leaves 4x4 = 16 tokens, each a 32x32 region the convolutions
 # have summarised, for the blocks to relate (the ViT paper's hybrid: a transformer on a CNN's feature map).
-# Validation sees each image as torchvision evaluates ImageNet models: zoomed in to its centre 87.5% (random
-# crops made the objects in training larger than in the whole image; Touvron et al. 2019, "Fixing the train-test
-# resolution discrepancy"), and with its mirror image (tta).
+# Validation (every 8 epochs: it takes time from training) sees each image as torchvision evaluates ImageNet
+# models, zoomed in to its centre 87.5% (random crops made the objects in training larger than in the whole
+# image; Touvron et al. 2019, "Fixing the train-test resolution discrepancy"), and with its mirror image (tta).
 # compile="auto": torch.compile where it builds and trains faster (trainkit/compiling.py).
 # Measurements: docs/results.md and the README.
 PRESETS: dict[str, dict] = {

@@ -6,7 +6,7 @@
 
 "Loop" is transformer.train_epoch on the default preset's DataLoader: the batched augmentation of the uint8
 cache, normalisation, MixUp/CutMix, the step and its bookkeeping, plus the validation the preset runs every
-`eval_every` epochs, its time shared out over the steps in between. "Step" is the same model's training step
+`eval_every` epochs (with its mirror images, --tta), its time shared out over the steps in between. "Step" is the same model's training step
 (forward, loss, backward, clipping, AdamW) on one batch prepared beforehand: what the loop would run at if
 everything else were free. The two alternate in the same process, so the drift of a shared machine hits both
 alike; the medians over repetitions and their ratio are printed. Without --data-dir the cache holds random
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         T.train_epoch(step, forward, loader, mix, counter, s, counter, device)
         train_s = time.perf_counter() - t
         t = time.perf_counter()
-        T.evaluate(model, data.val, data.class_names, device, precision)
+        T.evaluate(model, data.val, data.class_names, device, precision, tta=s.tta)
         model.train()
         return train_s + (time.perf_counter() - t) * args.steps / steps_between_evals
 
