@@ -6,8 +6,8 @@
 
 "Loop" is transformer.train_epoch on the default preset's DataLoader: the batched augmentation of the uint8
 cache, normalisation, MixUp/CutMix, the step and its bookkeeping, plus the validation the preset runs every
-`eval_every` epochs (with its mirror images, --tta), its time shared out over the steps in between. "Step" is the same model's training step
-(forward, loss, backward, clipping, AdamW) on one batch prepared beforehand: what the loop would run at if
+`eval_every` epochs (with its mirror images, --tta), its time shared out over the steps in between. "Step" is
+the same model's training step (forward, loss, backward, clipping, AdamW) on one batch prepared beforehand: what the loop would run at if
 everything else were free. The two alternate in the same process, so the drift of a shared machine hits both
 alike; the medians over repetitions and their ratio are printed. Without --data-dir the cache holds random
 pixels (the augmentation costs the same). Not a test: it prints figures.
