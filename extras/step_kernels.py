@@ -15,10 +15,6 @@ times decoding steps on these kernels and on PyTorch's on the machine at hand an
 from __future__ import annotations
 
 import ctypes
-import os
-import shutil
-import subprocess
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -26,38 +22,19 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from extras import native
+
 SOURCE = Path(__file__).with_name("step_kernels.c")
-# The first build that succeeds is used: native vector instructions and OpenMP threads, then without either.
-BUILDS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
 MATVEC = {torch.float32: "matvec_f32", torch.bfloat16: "matvec_bf16"}  # by the weights' dtype
 ATTEND = {torch.float32: "attend_f32", torch.bfloat16: "attend_bf16"}  # by the cache's dtype
-
-
-def compiler() -> Optional[str]:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
 @lru_cache(maxsize=None)
 def library() -> tuple[Optional[ctypes.CDLL], str]:
     """The compiled kernels and how they were built, or None and why there are none."""
-    cc = compiler()
-    if cc is None:
-        return None, "no C compiler found (set CC to one)"
-    errors = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, flags in enumerate(BUILDS):
-            so = str(Path(tmp) / f"step_kernels{i}.so")
-            try:
-                built = subprocess.run([cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", so, "-lm"],
-                                       capture_output=True, text=True, timeout=120)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                return None, f"could not run the C compiler {cc}: {e}"
-            if built.returncode == 0:
-                lib = ctypes.CDLL(so)  # loaded into the process: the file may go
-                break
-            errors.append((built.stderr.strip().splitlines() or ["failed"])[-1])
-        else:
-            return None, f"{cc} could not build {SOURCE.name}: {errors[0][:200]}"
+    lib, how = native.build(SOURCE)
+    if lib is None:
+        return None, how
     for name in MATVEC.values():
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_float] + [ctypes.c_int] * 3
@@ -66,7 +43,7 @@ def library() -> tuple[Optional[ctypes.CDLL], str]:
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 6 + [ctypes.c_int]
         fn.restype = None
-    return lib, f"{Path(cc).name} {' '.join(flags)}"
+    return lib, how
 
 
 def matvec(x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = None, eps: Optional[float] = None,
