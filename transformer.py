@@ -335,6 +335,20 @@ AUGMENTATIONS = ("none", "light", "strong")
 N_RANDOM = 9  # uniform numbers each image's augmentation draws (see augment_images)
 
 
+def crop_flip_rotate(u: torch.Tensor, strong: bool) -> torch.Tensor:
+    """The affine maps (B, 2, 3) of a batch's random resized crops, flips and (strong) rotations, from the rows of
+    u: output coordinates in [-1, 1] -> where to read the input, as F.affine_grid takes them."""
+    area, log_ratio = 0.35 + 0.65 * u[:, 0], (2 * u[:, 1] - 1) * math.log(4 / 3)
+    w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # the crop's width and height, as shares of the image
+    h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    cx, cy = (2 * u[:, 2] - 1) * (1 - w), (2 * u[:, 3] - 1) * (1 - h)  # its centre, kept inside the image
+    flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
+    angle = (2 * u[:, 5] - 1) * math.radians(20) if strong else torch.zeros_like(w)
+    cos, sin = angle.cos(), angle.sin()
+    return torch.stack([torch.stack([w * flip * cos, -h * sin, cx], 1),
+                        torch.stack([w * flip * sin, h * cos, cy], 1)], 1)
+
+
 def augment_images(images: torch.Tensor, u: torch.Tensor, size: int, augment: str = "light") -> torch.Tensor:
     """A batch of uint8 images (B, 3, S, S) -> augmented images (B, 3, size, size), float in [0, 255], in a few
     tensor ops for the whole batch.
@@ -343,24 +357,21 @@ def augment_images(images: torch.Tensor, u: torch.Tensor, size: int, augment: st
     'light' is a random resized crop (a share 0.35..1 of the area, aspect ratio 3/4..4/3, anywhere in the
     image) and a horizontal flip; 'strong' also rotates by up to 20 degrees and jitters brightness, contrast and
     saturation by up to 40%; 'none' only resizes. The crop, flip and rotation are one affine map per image
-    (output coordinates in [-1, 1] -> where to read the input), sampled bilinearly with F.grid_sample.
+    (crop_flip_rotate), sampled bilinearly with F.grid_sample.
     """
     if augment == "none":
         return F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True).clamp_(0, 255)
-    area, log_ratio = 0.35 + 0.65 * u[:, 0], (2 * u[:, 1] - 1) * math.log(4 / 3)
-    w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # the crop's width and height, as shares of the image
-    h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
-    cx, cy = (2 * u[:, 2] - 1) * (1 - w), (2 * u[:, 3] - 1) * (1 - h)  # its centre, kept inside the image
-    flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
-    angle = (2 * u[:, 5] - 1) * math.radians(20) if augment == "strong" else torch.zeros_like(w)
-    cos, sin = angle.cos(), angle.sin()
-    theta = torch.stack([torch.stack([w * flip * cos, -h * sin, cx], 1),
-                         torch.stack([w * flip * sin, h * cos, cy], 1)], 1)  # (B, 2, 3)
+    theta = crop_flip_rotate(u, augment == "strong")
     grid = F.affine_grid(theta, [len(images), 3, size, size], align_corners=False)
     x = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     if augment == "strong":
-        x = jitter_colors(x, *(0.6 + 0.8 * u[:, k] for k in (6, 7, 8)))
+        x = jitter_colors(x, *color_factors(u).unbind(1))
     return x.clamp_(0, 255)
+
+
+def color_factors(u: torch.Tensor) -> torch.Tensor:
+    """(B, 3) brightness, contrast and saturation factors in [0.6, 1.4) from the rows of u."""
+    return 0.6 + 0.8 * u[:, 6:9]
 
 
 LUMA = (0.2989, 0.587, 0.114)  # the grey value g = LUMA . rgb of a pixel (ITU-R 601), as torchvision uses
@@ -381,28 +392,38 @@ def jitter_colors(x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, s: torch.Te
     return torch.baddbmm(t, A, x.reshape(B, C, H * W)).view(B, C, H, W)
 
 
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """Pixel values (B, 3, H, W) in [0, 255], uint8 or float -> float, per-channel standardised."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    return torch.addcmul(-mean / std, images.float(), 1 / (255.0 * std))  # (x / 255 - mean) / std in one pass
+
+
 class AugmentedImages(torch.utils.data.Dataset):
-    """Training images from the uint8 cache, augmented a batch at a time (augment_images).
+    """Training images from the uint8 cache, augmented a batch at a time and standardised, ready for the model.
 
     Items are asked for as (epoch, index) (trainkit.EpochSampler). Each image draws its random numbers from a
     generator seeded by the seed, the epoch and its index: an image gets the same crop whichever process or
     DataLoader worker draws it, so N processes train on exactly the images one would, and a resumed run on
-    those the stopped run would have."""
+    those the stopped run would have. `kernel` (extras/vit_augment.py) makes the same images in one pass of
+    C where that measured faster; None: augment_images and normalize."""
 
-    def __init__(self, cache: ImageCache, size: int, augment: str = "light", seed: int = 0) -> None:
-        self.cache, self.size, self.augment, self.seed = cache, size, augment, seed
+    def __init__(self, cache: ImageCache, size: int, augment: str = "light", seed: int = 0, kernel=None) -> None:
+        self.cache, self.size, self.augment, self.seed, self.kernel = cache, size, augment, seed, kernel
 
     def __len__(self) -> int:
         return len(self.cache)
 
     def __getitems__(self, keys: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """The DataLoader asks for a whole batch at once: (augmented images, labels)."""
+        """The DataLoader asks for a whole batch at once: (augmented, standardised images, labels)."""
         keys = [key if isinstance(key, tuple) else (0, key) for key in keys]
         u = torch.stack([torch.rand(N_RANDOM, generator=torch.Generator().manual_seed(
             (self.seed * 1_000_003 + epoch) * len(self) + i)) for epoch, i in keys])
         index = torch.tensor([i for _, i in keys])
+        if self.kernel is not None:
+            return self.kernel(self.cache.images, index, u, self.size, self.augment), self.cache.labels[index]
         images = self.cache.images.index_select(0, index)  # whole rows: several times faster than images[index]
-        return augment_images(images, u, self.size, self.augment), self.cache.labels[index]
+        return normalize(augment_images(images, u, self.size, self.augment)), self.cache.labels[index]
 
     def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.__getitems__([key])
@@ -412,13 +433,6 @@ class AugmentedImages(torch.utils.data.Dataset):
 def whole_batch(batch):
     """The DataLoader's collate_fn: AugmentedImages.__getitems__ returns the batch ready."""
     return batch
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """Pixel values (B, 3, H, W) in [0, 255], uint8 or float -> float, per-channel standardised."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
-    return torch.addcmul(-mean / std, images.float(), 1 / (255.0 * std))  # (x / 255 - mean) / std in one pass
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -444,6 +458,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     grad_clip: float = 1.0
     augment: str = "light"  # none, light or strong
+    augment_kernel: str = "auto"  # torch, c, or auto: the faster here (extras/vit_augment.py)
     mixup: float = 0.0  # MixUp's alpha (0: off)
     cutmix: float = 0.0  # CutMix's alpha (0: off)
     mix_prob: float = 0.5  # the share of batches that get MixUp or CutMix
@@ -543,10 +558,14 @@ def load_data(s: TrainConfig, image_size: int) -> Data:
 def train_loader(cache: ImageCache, image_size: int, s: TrainConfig, local_batch: int):
     """Batches of augmented training images; trainkit.EpochSampler shuffles by seed and epoch, and under
     torchrun gives each process its share of every batch."""
+    from extras import vit_augment  # the same augmentation in one pass of C, where it measures faster
+
+    kernel = vit_augment.choose(s.augment_kernel, cache, image_size, s.augment, local_batch)
     return torch.utils.data.DataLoader(
-        AugmentedImages(cache, image_size, s.augment, s.seed), batch_size=local_batch, collate_fn=whole_batch,
-        sampler=trainkit.EpochSampler(len(cache), s.seed), drop_last=len(cache) > s.batch_size,
-        generator=torch.Generator().manual_seed(s.seed), num_workers=s.workers, persistent_workers=s.workers > 0)
+        AugmentedImages(cache, image_size, s.augment, s.seed, kernel), batch_size=local_batch,
+        collate_fn=whole_batch, sampler=trainkit.EpochSampler(len(cache), s.seed),
+        drop_last=len(cache) > s.batch_size, generator=torch.Generator().manual_seed(s.seed),
+        num_workers=s.workers, persistent_workers=s.workers > 0)
 
 
 class Mixing:
@@ -574,7 +593,7 @@ def train_epoch(step: trainkit.TrainStep, forward, loader, mix: Mixing, run, s: 
     with run.progress_bar(loader) as bar:  # the running loss and accuracy; it also times the epoch
         for images, labels in bar:
             lr = learning_rate(budget.progress(run.step), s.lr, s.warmup)
-            x, y = normalize(images.to(device)), labels.to(device)
+            x, y = images.to(device), labels.to(device)  # augmented and standardised by the loader
             x, target = mix(x, y)
             with step.forward_context():  # autocast in the run's precision
                 logits = forward(x)
@@ -656,7 +675,7 @@ def seed_everything(seed: int) -> None:
 # for patches of 32) gives the small ViT the local features it would otherwise have to learn from those few
 # images (Xiao et al. 2021); at 128x128 pixels that leaves 4x4 = 16 tokens, each a 32x32 region the convolutions
 # have summarised, for the blocks to relate (the ViT paper's hybrid: a transformer on a CNN's feature map).
-# Validation (every 8 epochs: it takes time from training) sees each image as torchvision evaluates ImageNet
+# Validation (every 16 epochs: it takes time from training) sees each image as torchvision evaluates ImageNet
 # models, zoomed in to its centre 87.5% (random crops made the objects in training larger than in the whole
 # image; Touvron et al. 2019, "Fixing the train-test resolution discrepancy"), and with its mirror image (tta).
 # compile="auto": torch.compile where it builds and trains faster (trainkit/compiling.py).
@@ -665,7 +684,7 @@ PRESETS: dict[str, dict] = {
     "default": dict(image_size=128, patch_size=32, stem_channels=(16, 32, 64, 128, 256), dim=96, depth=4,
                     n_heads=3, mlp_dim=192, dropout=0.0, attention_dropout=0.0, epochs=1000, time_budget=14.0,
                     batch_size=64, lr=5e-4, weight_decay=0.05, warmup=0.05, label_smoothing=0.1, augment="strong",
-                    mixup=0.8, cutmix=1.0, mix_prob=0.5, cache_scale=1.25, eval_crop=0.875, tta=True, eval_every=8,
+                    mixup=0.8, cutmix=1.0, mix_prob=0.5, cache_scale=1.25, eval_crop=0.875, tta=True, eval_every=16,
                     compile="auto"),
     "smoke": dict(image_size=32, patch_size=8, stem_channels=(), dim=32, depth=1, n_heads=2, mlp_dim=64,
                   dropout=0.0, attention_dropout=0.0, epochs=1, time_budget=None, batch_size=8, lr=1e-3,

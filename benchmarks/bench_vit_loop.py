@@ -2,11 +2,13 @@
 
     python benchmarks/bench_vit_loop.py --data-dir ../shared/data/cats_and_dogs_filtered   # the default preset
     python benchmarks/bench_vit_loop.py --compile off --reps 3
+    python benchmarks/bench_vit_loop.py --augment-kernel torch   # the augmentation in PyTorch, not in C
     python benchmarks/bench_vit_loop.py --json runs/bench_vit_loop.json
 
 "Loop" is transformer.train_epoch on the default preset's DataLoader: the batched augmentation of the uint8
-cache, normalisation, MixUp/CutMix, the step and its bookkeeping, plus the validation the preset runs every
-`eval_every` epochs (with its mirror images, --tta), its time shared out over the steps in between. "Step" is
+cache and its normalisation (in C or in PyTorch, as --augment-kernel says; auto: the faster), MixUp/CutMix, the
+step and its bookkeeping, plus the validation the preset runs every `eval_every` epochs (with its mirror images,
+--tta), its time shared out over the steps in between. "Step" is
 the same model's training step (forward, loss, backward, clipping, AdamW) on one batch prepared beforehand: what the loop would run at if
 everything else were free. The two alternate in the same process, so the drift of a shared machine hits both
 alike; the medians over repetitions and their ratio are printed. Without --data-dir the cache holds random
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-dir", help="a folder with train/ and validation/ (default: random pixels)")
     p.add_argument("--compile", choices=["on", "off"], default="on",
                    help="torch.compile the step in both (the default preset's auto chooses on where it pays)")
+    p.add_argument("--augment-kernel", choices=["auto", "torch", "c"], default="auto",
+                   help="what augments the training images (transformer.py's flag of the same name)")
     p.add_argument("--steps", type=int, default=24, help="training steps per repetition")
     p.add_argument("--reps", type=int, default=5, help="alternating repetitions of loop and step")
     p.add_argument("--json", metavar="PATH", help="also write the figures and the machine header to PATH")
@@ -70,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     print_header(machine)
 
     # the configs transformer.py builds from these flags and the default preset
-    flags = T.parse_args(["--compile", args.compile] + (["--data-dir", args.data_dir] if args.data_dir else []))
+    flags = T.parse_args(["--compile", args.compile, "--augment-kernel", args.augment_kernel] +
+                         (["--data-dir", args.data_dir] if args.data_dir else []))
     s, config = T.train_config(flags), T.model_config(flags)
     torch.manual_seed(0)
     if args.data_dir:
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     mix = T.Mixing(s, model.config.num_classes)
     steps_between_evals = s.eval_every * len(loader)
     images, labels = next(iter(loader))
-    x = T.normalize(images)
+    x = images  # augmented and standardised by the loader
 
     def model_step() -> None:
         with step.forward_context():
@@ -113,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(3):  # warm up (and compile)
         model_step()
     loop(0)
-    print(f"default preset, batch {s.batch_size}, {precision.name}, compile {args.compile}, {args.reps} reps x "
+    print(f"default preset, batch {s.batch_size}, {precision.name}, compile {args.compile}, augmentation "
+          f"{'C kernel' if loader.dataset.kernel else 'PyTorch'}, {args.reps} reps x "
           f"{args.steps} steps; validation ({len(data.val)} images) every {steps_between_evals} steps")
     rates = {"loop": [], "step": []}
     for rep in range(args.reps):
@@ -128,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
           f"step {[round(r) for r in rates['step']]})")
     write_json(args.json, machine, {"loop_images_per_s": med["loop"], "step_images_per_s": med["step"],
                                     "ratio": med["loop"] / med["step"], "compile": args.compile,
+                                    "augment_kernel": "c" if loader.dataset.kernel else "torch",
                                     "precision": precision.name})
 
 

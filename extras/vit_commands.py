@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grad-clip", type=float, default=1.0)
     t.add_argument("--augment", choices=["none", "light", "strong"], help="light: random resized crop and flip; "
                    "strong: also a rotation of up to 20 degrees and brightness, contrast, saturation changes")
+    t.add_argument("--augment-kernel", choices=["auto", "torch", "c"], default="auto",
+                   help="what runs light and strong augmentation: PyTorch (augment_images), a C kernel that makes "
+                        "the same images in one pass (extras/vit_augment.c, built with the machine's C compiler), "
+                        "or auto: the faster of the two, timed on the training images (default)")
     t.add_argument("--mixup", type=float, help="MixUp alpha (0: off)")
     t.add_argument("--cutmix", type=float, help="CutMix alpha (0: off)")
     t.add_argument("--mix-prob", type=float, help="share of batches that get MixUp/CutMix")

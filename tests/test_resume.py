@@ -205,8 +205,10 @@ def noise_images(tmp_path_factory):
 
 def vit_flags(data_dir, out):
     # Dropout, augmentation and MixUp/CutMix on: all three draw random numbers the resumed run must repeat.
+    # The precision and the augmentation's kernel are pinned: "auto" measures, and could choose another in each run.
     return ["--data-dir", str(data_dir), "--preset", "smoke", "--device", "cpu", "--precision", "fp32",
-            "--epochs", "3", "--dropout", "0.1", "--augment", "strong", "--mixup", "0.8", "--cutmix", "1.0",
+            "--augment-kernel", "torch", "--epochs", "3", "--dropout", "0.1", "--augment", "strong", "--mixup",
+            "0.8", "--cutmix", "1.0",
             "--mix-prob", "0.5", "--output-dir", str(out), "--quiet"]
 
 
