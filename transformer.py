@@ -568,22 +568,41 @@ def train_loader(cache: ImageCache, image_size: int, s: TrainConfig, local_batch
         num_workers=s.workers, persistent_workers=s.workers > 0)
 
 
+def mixup(images: torch.Tensor, target: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """MixUp (Zhang et al., 2018), in place: each image and its soft label become lam of themselves and 1 - lam of
+    the previous ones in the batch (the batch is shuffled, so that is a random partner)."""
+    return images.lerp_(images.roll(1, 0), 1 - lam), target.lerp_(target.roll(1, 0), 1 - lam)
+
+
+def cutmix(images: torch.Tensor, target: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutMix (Yun et al., 2019), in place: a box of about 1 - lam of the area, centred at a random pixel (and
+    clipped to the image), is pasted from the previous image in the batch; the labels mix by the box's area."""
+    H, W = images.shape[-2:]
+    cx, cy = int(torch.randint(W, (1,))), int(torch.randint(H, (1,)))
+    r = 0.5 * math.sqrt(1.0 - lam)  # half the box's side, as a share of the image's
+    x1, x2 = max(cx - int(r * W), 0), min(cx + int(r * W), W)
+    y1, y2 = max(cy - int(r * H), 0), min(cy + int(r * H), H)
+    images[..., y1:y2, x1:x2] = images[..., y1:y2, x1:x2].roll(1, 0)  # roll copies: no overlap in the paste
+    pasted = (x2 - x1) * (y2 - y1) / (W * H)
+    return images, target.lerp_(target.roll(1, 0), pasted)
+
+
 class Mixing:
     """MixUp or CutMix (a blend of two images and of their labels: soft targets) on a share of the batches. Its
-    own seeded generator picks the batches, so a resumed run mixes the ones the stopped run would have."""
+    own seeded generator picks the batches and which of the two, so a resumed run mixes the ones the stopped run
+    would have; lam ~ Beta(alpha, alpha) and the CutMix box come from torch's generator (saved with the run)."""
 
     def __init__(self, s: TrainConfig, num_classes: int) -> None:
-        from torchvision.transforms import v2
-
-        choices = ([v2.MixUp(alpha=s.mixup, num_classes=num_classes)] if s.mixup > 0 else []) + \
-                  ([v2.CutMix(alpha=s.cutmix, num_classes=num_classes)] if s.cutmix > 0 else [])
-        self.transform = v2.RandomChoice(choices) if choices else None
-        self.prob, self.generator = s.mix_prob, torch.Generator().manual_seed(s.seed)
+        self.choices = [(f, torch.distributions.Beta(torch.tensor([alpha]), torch.tensor([alpha])))
+                        for f, alpha in ((mixup, s.mixup), (cutmix, s.cutmix)) if alpha > 0]
+        self.num_classes, self.prob = num_classes, s.mix_prob
+        self.generator = torch.Generator().manual_seed(s.seed)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.transform is None or torch.rand((), generator=self.generator).item() >= self.prob:
+        if not self.choices or torch.rand((), generator=self.generator).item() >= self.prob:
             return images, labels
-        return self.transform(images, labels)
+        mix, beta = self.choices[int(torch.randint(len(self.choices), (), generator=self.generator))]
+        return mix(images, F.one_hot(labels, self.num_classes).float(), float(beta.sample(())))
 
 
 def train_epoch(step: trainkit.TrainStep, forward, loader, mix: Mixing, run, s: TrainConfig,
