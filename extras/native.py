@@ -22,14 +22,15 @@ def compiler() -> Optional[str]:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def build(source: Path) -> tuple[Optional[ctypes.CDLL], str]:
-    """The library built from `source` and how it was built ("gcc -O3 ..."), or None and why there is none."""
+def build(source: Path, builds: tuple = BUILDS) -> tuple[Optional[ctypes.CDLL], str]:
+    """The library built from `source` with the first of `builds` (lists of compiler flags) that succeeds, and how
+    it was built ("gcc -O3 ..."); or None and why there is none."""
     cc = compiler()
     if cc is None:
         return None, "no C compiler found (set CC to one)"
     errors = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, flags in enumerate(BUILDS):
+        for i, flags in enumerate(builds):
             so = str(Path(tmp) / f"{source.stem}{i}.so")
             try:
                 built = subprocess.run([cc, *flags, "-shared", "-fPIC", str(source), "-o", so, "-lm"],

@@ -30,9 +30,10 @@ MODES = ("auto", "torch", "c")
 
 
 @lru_cache(maxsize=None)
-def library() -> tuple[Optional[ctypes.CDLL], str]:
-    """The compiled kernel and how it was built, or None and why there is none."""
-    lib, how = native.build(SOURCE)
+def library(builds: tuple = native.BUILDS) -> tuple[Optional[ctypes.CDLL], str]:
+    """The compiled kernel and how it was built, or None and why there is none; `builds` as native.build takes
+    them (the tests build the kernel's other paths with them)."""
+    lib, how = native.build(SOURCE, builds)
     if lib is not None:
         lib.augment.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 5 + \
                                [ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
@@ -50,10 +51,11 @@ def stored_for_kernel(images: torch.Tensor) -> torch.Tensor:
     return stored
 
 
-def augmented(images: torch.Tensor, rows: torch.Tensor, u: torch.Tensor, size: int, augment: str) -> torch.Tensor:
+def augmented(images: torch.Tensor, rows: torch.Tensor, u: torch.Tensor, size: int, augment: str,
+              lib: Optional[ctypes.CDLL] = None) -> torch.Tensor:
     """normalize(augment_images(images[rows], u, size, augment)) in one pass: images the (N, 3, S, S) uint8 cache
     as stored_for_kernel stores it, rows (B,) the batch's rows of it, u (B, N_RANDOM) their random numbers;
-    'light' or 'strong'."""
+    'light' or 'strong'. lib: the kernel as library() built it, by default."""
     if augment not in ("light", "strong"):
         raise ValueError(f"the C augmentation does 'light' and 'strong', not {augment!r}")
     if not (images.dtype == torch.uint8 and images.dim() == 4 and images.shape[1] == 3
@@ -72,7 +74,7 @@ def augmented(images: torch.Tensor, rows: torch.Tensor, u: torch.Tensor, size: i
     scale, shift = 1 / (255.0 * std), -mean / std  # normalize: x * scale + shift
     luma = torch.tensor(T.LUMA)
     out = torch.empty(len(rows), 3, size, size)
-    library()[0].augment(images.data_ptr(), rows.data_ptr(), len(rows), images.shape[2], theta.data_ptr(),
+    (lib or library()[0]).augment(images.data_ptr(), rows.data_ptr(), len(rows), images.shape[2], theta.data_ptr(),
                          None if jitter is None else jitter.data_ptr(), luma.data_ptr(), scale.data_ptr(),
                          shift.data_ptr(), size, out.data_ptr(), torch.get_num_threads())
     return out

@@ -46,6 +46,37 @@ def test_the_kernel_makes_the_lessons_images(cache, augment, size):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-3)  # 1e-3 of a standard deviation: ~0.06 of a level
 
 
+# The kernel's vector paths: AVX-512 and AVX2 gathers where the build has them, and plain C; each one built and run
+# here where the compiler can make it and the processor has its instructions, whatever -march=native would choose.
+PATHS = {"avx512": ("-O3", "-mavx512f", "-mavx2", "-mfma", "-fopenmp"),
+         "avx2": ("-O3", "-mavx2", "-mfma", "-mno-avx512f", "-fopenmp"), "plain C": ("-O3",)}
+NEEDS = {"avx512": {"avx512f", "avx2", "fma"}, "avx2": {"avx2", "fma"}, "plain C": set()}
+
+
+def cpu_flags() -> set:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+
+
+@needs_kernel
+@pytest.mark.parametrize("path", PATHS)
+def test_each_of_the_kernels_paths_makes_the_lessons_images(cache, path):
+    if not NEEDS[path] <= cpu_flags():
+        pytest.skip(f"this processor has not the {path} path's instructions")
+    lib, how = va.library((PATHS[path],))
+    if lib is None:
+        pytest.skip(f"cannot build the {path} path here: {how}")
+    rows = torch.tensor([11, 0, 5, 11, 3, 7, 2, 9, 1])
+    u = random_numbers(len(rows))
+    for size, augment in ((37, "strong"), (16, "light")):  # lanes of 16 and 8 and a remainder; none but the rest
+        ours = va.augmented(va.stored_for_kernel(cache.images), rows, u, size, augment, lib=lib)
+        theirs = T.normalize(T.augment_images(cache.images[rows], u, size, augment))
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-3)
+
+
 @needs_kernel
 def test_the_kernel_clips_colours_as_the_lesson_does(cache):
     rows, u = torch.tensor([3, 4]), random_numbers(4)[2:]
