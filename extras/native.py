@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 # The first build that succeeds is used: native vector instructions and OpenMP threads, then without either.
 BUILDS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
@@ -41,3 +41,13 @@ def build(source: Path, builds: tuple = BUILDS) -> tuple[Optional[ctypes.CDLL], 
                 return ctypes.CDLL(so), f"{Path(cc).name} {' '.join(flags)}"  # loaded: the file may go
             errors.append((built.stderr.strip().splitlines() or ["failed"])[-1])
     return None, f"{cc} could not build {source.name}: {errors[0][:200]}"
+
+
+def verified(built: tuple[Optional[ctypes.CDLL], str], wrong: Callable[[], Optional[str]]) -> tuple[bool, str]:
+    """(True, how it was built) where `built` (build's answer) holds a library and wrong() finds nothing amiss with
+    it; else (False, why not). wrong: None, or what differs from PyTorch ("its products differ from PyTorch's")."""
+    lib, how = built
+    if lib is None:
+        return False, how
+    problem = wrong()
+    return (False, f"built ({how}) but {problem}; not used") if problem else (True, how)

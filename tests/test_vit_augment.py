@@ -146,3 +146,12 @@ def test_without_a_compiler_pytorch_augments_and_the_reason_is_printed(monkeypat
     monkeypatch.setattr(va, "available", lambda: (False, "no C compiler found (set CC to one)"))
     assert va.choose("auto", cache, 16, "strong", 4) is None
     assert "PyTorch (no C kernel: no C compiler found (set CC to one))" in capsys.readouterr().out
+
+
+def test_a_kernel_that_makes_other_images_is_not_used_and_the_reason_says_so():
+    from extras import native
+
+    assert native.verified((None, "no C compiler found"), lambda: None) == (False, "no C compiler found")
+    assert native.verified((object(), "cc -O3"), lambda: None) == (True, "cc -O3")
+    assert native.verified((object(), "cc -O3"), lambda: "its images differ from PyTorch's") == \
+        (False, "built (cc -O3) but its images differ from PyTorch's; not used")
