@@ -417,8 +417,9 @@ class AugmentedImages(torch.utils.data.Dataset):
     def __getitems__(self, keys: list) -> tuple[torch.Tensor, torch.Tensor]:
         """The DataLoader asks for a whole batch at once: (augmented, standardised images, labels)."""
         keys = [key if isinstance(key, tuple) else (0, key) for key in keys]
-        u = torch.stack([torch.rand(N_RANDOM, generator=torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + epoch) * len(self) + i)) for epoch, i in keys])
+        gen, n = torch.Generator(), len(self)  # one generator, seeded afresh for each image
+        u = torch.stack([torch.rand(N_RANDOM, generator=gen.manual_seed((self.seed * 1_000_003 + epoch) * n + i))
+                         for epoch, i in keys])
         index = torch.tensor([i for _, i in keys])
         if self.kernel is not None:
             return self.kernel(self.cache.images, index, u, self.size, self.augment), self.cache.labels[index]
@@ -494,8 +495,9 @@ def pick_precision(flag: str, device: torch.device, config: ViTConfig, batch_siz
 
 @torch.no_grad()
 def predict_logits(model: VisionTransformer, images: torch.Tensor, device: torch.device,
-                   precision: Precision | None = None, batch_size: int = 256, tta: bool = False) -> torch.Tensor:
-    """Logits (float32, on CPU) for uint8 images; with tta the logits of the image and its mirror are averaged."""
+                   precision: Precision | None = None, batch_size: int = 128, tta: bool = False) -> torch.Tensor:
+    """Logits (float32, on CPU) for uint8 images; with tta the logits of the image and its mirror are averaged.
+    Batches of 128: on a CPU the conv stem's activations for 256 images outgrow the cache and run slower."""
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
