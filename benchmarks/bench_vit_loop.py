@@ -8,11 +8,12 @@
 "Loop" is transformer.train_epoch on the default preset's DataLoader: the batched augmentation of the uint8
 cache and its normalisation (in C or in PyTorch, as --augment-kernel says; auto: the faster), MixUp/CutMix, the
 step and its bookkeeping, plus the validation the preset runs every `eval_every` epochs (with its mirror images,
---tta), its time shared out over the steps in between. "Step" is
-the same model's training step (forward, loss, backward, clipping, AdamW) on one batch prepared beforehand: what the loop would run at if
-everything else were free. The two alternate in the same process, so the drift of a shared machine hits both
-alike; the medians over repetitions and their ratio are printed. Without --data-dir the cache holds random
-pixels (the augmentation costs the same). Not a test: it prints figures.
+--tta), its time shared out over the steps in between, and the bookkeeping after epochs (the `last` checkpoint
+every vit_run.LAST_EVERY_S seconds, the curves every CURVES_EVERY_S, each timed here), shared out alike. "Step"
+is the same model's training step (forward, loss, backward, clipping, AdamW) on one batch prepared beforehand:
+what the loop would run at if everything else were free. The two alternate in the same process, so the drift of
+a shared machine hits both alike; the medians over repetitions and their ratio are printed. Without --data-dir
+the cache holds random pixels (the augmentation costs the same). Not a test: it prints figures.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import contextlib
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import trainkit  # noqa: E402
 import transformer as T  # noqa: E402
+from extras import vit_run  # noqa: E402
 from machine import describe_machine, print_header, write_json  # noqa: E402
 
 
@@ -57,6 +60,12 @@ class Counter:
 
     def done(self, step: int) -> bool:
         return step >= self.steps
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,9 +124,24 @@ def main(argv: list[str] | None = None) -> None:
         model.train()
         return train_s + (time.perf_counter() - t) * args.steps / steps_between_evals
 
+    def bookkeeping() -> float:
+        """Seconds of bookkeeping per second of training: the `last` checkpoint and the curves (drawn from a history
+        as long as a default run's), each timed and divided by how often the run does it."""
+        with tempfile.TemporaryDirectory() as out:
+            run = vit_run.Run(replace(s, output_dir=out), model, step, data, mix, device, precision)
+            run.history = [{"epoch": e, "train_loss": 0.5, "train_accuracy": 0.8, "lr": s.lr,
+                            "val_accuracy": 0.8 if e % s.eval_every == 0 else None} for e in range(1, 471)]
+            save = statistics.median(timed(run.save_last) for _ in range(5))
+            draw = statistics.median(timed(lambda: vit_run.draw_curves(run.s, model, device, precision, run.history))
+                                     for _ in range(3))
+        print(f"bookkeeping: the last checkpoint {save * 1e3:.0f} ms every {vit_run.LAST_EVERY_S:.0f} s, the curves "
+              f"{draw * 1e3:.0f} ms every {vit_run.CURVES_EVERY_S:.0f} s")
+        return save / vit_run.LAST_EVERY_S + draw / vit_run.CURVES_EVERY_S
+
     for _ in range(3):  # warm up (and compile)
         model_step()
     loop(0)
+    share = bookkeeping()
     print(f"default preset, batch {s.batch_size}, {precision.name}, compile {args.compile}, augmentation "
           f"{'C kernel' if loader.dataset.kernel else 'PyTorch'}, {args.reps} reps x "
           f"{args.steps} steps; validation ({len(data.val)} images) every {steps_between_evals} steps")
@@ -127,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.steps):
             model_step()
         rates["step"].append(args.steps * s.batch_size / (time.perf_counter() - t))
-        rates["loop"].append(args.steps * s.batch_size / loop(rep + 1))
+        rates["loop"].append(args.steps * s.batch_size / (loop(rep + 1) * (1 + share)))
     med = {name: statistics.median(r) for name, r in rates.items()}
     print(f"loop {med['loop']:.0f} images/s, step {med['step']:.0f} images/s: the loop runs at "
           f"{med['loop'] / med['step']:.0%} of the step   (loop {[round(r) for r in rates['loop']]}, "
