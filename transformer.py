@@ -696,16 +696,17 @@ def seed_everything(seed: int) -> None:
 # for patches of 32) gives the small ViT the local features it would otherwise have to learn from those few
 # images (Xiao et al. 2021); at 128x128 pixels that leaves 4x4 = 16 tokens, each a 32x32 region the convolutions
 # have summarised, for the blocks to relate (the ViT paper's hybrid: a transformer on a CNN's feature map).
-# Validation (every 16 epochs: it takes time from training) sees each image as torchvision evaluates ImageNet
-# models, zoomed in to its centre 87.5% (random crops made the objects in training larger than in the whole
-# image; Touvron et al. 2019, "Fixing the train-test resolution discrepancy"), and with its mirror image (tta).
+# Validation (every 24 epochs: each takes about as long as 6 training steps) sees each image as torchvision
+# evaluates ImageNet models, zoomed in to its centre 87.5% (random crops made the objects in training larger than
+# in the whole image; Touvron et al. 2019, "Fixing the train-test resolution discrepancy"), and with its mirror
+# image (tta).
 # compile="auto": torch.compile where it builds and trains faster (trainkit/compiling.py).
 # Measurements: docs/results.md and the README.
 PRESETS: dict[str, dict] = {
     "default": dict(image_size=128, patch_size=32, stem_channels=(16, 32, 64, 128, 256), dim=96, depth=4,
                     n_heads=3, mlp_dim=192, dropout=0.0, attention_dropout=0.0, epochs=1000, time_budget=14.0,
                     batch_size=64, lr=5e-4, weight_decay=0.05, warmup=0.05, label_smoothing=0.1, augment="strong",
-                    mixup=0.8, cutmix=1.0, mix_prob=0.5, cache_scale=1.25, eval_crop=0.875, tta=True, eval_every=16,
+                    mixup=0.8, cutmix=1.0, mix_prob=0.5, cache_scale=1.25, eval_crop=0.875, tta=True, eval_every=24,
                     compile="auto"),
     "smoke": dict(image_size=32, patch_size=8, stem_channels=(), dim=32, depth=1, n_heads=2, mlp_dim=64,
                   dropout=0.0, attention_dropout=0.0, epochs=1, time_budget=None, batch_size=8, lr=1e-3,
